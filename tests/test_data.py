@@ -1,0 +1,89 @@
+"""The generated dataset and the adapters (real data from ../shared/data when present)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unseg.data import generated
+from unseg.data.index import (
+    DatasetIndex,
+    index_camvid,
+    index_coco,
+    index_folder,
+    prepare_generated,
+    read_image,
+)
+from unseg.errors import UserError
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def test_generated_samples_are_deterministic_and_consistent():
+    a = generated.render_sample(7, 3, 4, 3, 96, 128)
+    b = generated.render_sample(7, 3, 4, 3, 96, 128)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    image, semantic, instances = a
+    assert image.dtype == np.uint8 and image.shape[:2] == semantic.shape
+    assert 1 <= len(instances) <= 3
+    union = np.zeros_like(semantic, bool)
+    for inst in instances:
+        assert np.all(semantic[inst.mask] == inst.category)
+        assert not np.any(union & inst.mask)  # visible parts never overlap
+        union |= inst.mask
+    assert np.array_equal(union, semantic > 0)
+
+
+def test_colour_does_not_identify_the_category():
+    # mean colour of instances of one category spans the colour space like the others do
+    means = {c: [] for c in range(1, 5)}
+    for i in range(120):
+        image, semantic, instances = generated.render_sample(i, 0, 4, 3, 96, 96)
+        for inst in instances:
+            means[inst.category].append(image[inst.mask].mean(0))
+    centre = np.array([np.mean(v, 0) for v in means.values()])
+    spread = np.array([np.std(v, 0) for v in means.values()])
+    assert np.abs(centre - centre.mean(0)).max() < spread.min() / 2
+
+
+def test_prepare_generated_writes_an_index_with_ground_truth(tmp_path):
+    idx = prepare_generated(tmp_path, 6, 3, 3, 2, 64, 80, seed=1)
+    idx.save(tmp_path / "index.json")
+    again = DatasetIndex.load(tmp_path / "index.json")
+    assert [e.split for e in again.images] == ["train"] * 6 + ["val"] * 3
+    assert again.classes == ["background", "disc", "square", "triangle"]
+    e = again.images[4]
+    img, sem = read_image(e), again.read_semantic(e)
+    assert img.shape == (e.height, e.width, 3) and sem.shape == (e.height, e.width) and sem.max() <= 3
+
+
+def test_folder_adapter_errors_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        index_folder(tmp_path / "nope")
+    with pytest.raises(UserError, match="no images"):
+        index_folder(tmp_path)
+
+
+@pytest.mark.skipif(not (SHARED / "coco-mini").is_dir(), reason="../shared/data/coco-mini not present")
+def test_coco_adapter_on_coco_mini(tmp_path):
+    idx = index_coco(SHARED / "coco-mini", ["train", "val"], tmp_path, limit=4)
+    assert len(idx.split("train")) == 4 and len(idx.split("val")) == 4
+    assert len(idx.classes) == 81
+    e = idx.images[0]
+    sem = idx.read_semantic(e)
+    assert sem.shape == (e.height, e.width) and sem.max() <= 80 and (sem > 0).any()
+    assert read_image(e).shape == (e.height, e.width, 3)
+
+
+@pytest.mark.skipif(not (SHARED / "camvid").is_dir(), reason="../shared/data/camvid not present")
+def test_camvid_adapter_maps_void_to_ignore():
+    idx = index_camvid(SHARED / "camvid", ["val"], limit=2)
+    assert len(idx.classes) == 11 and idx.classes[0] == "Sky"
+    sem = idx.read_semantic(idx.images[0])
+    assert set(np.unique(sem)) <= set(range(11)) | {255} and 11 not in sem
+
+
+@pytest.mark.skipif(not (SHARED / "coco-mini").is_dir(), reason="../shared/data/coco-mini not present")
+def test_folder_adapter_on_real_images():
+    idx = index_folder(SHARED / "coco-mini" / "images", limit=5)
+    assert len(idx.images) == 5 and not idx.has_ground_truth and idx.read_semantic(idx.images[0]) is None

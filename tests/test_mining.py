@@ -1,0 +1,159 @@
+"""The MaskDistill mining rule, pinned step by step on hand-made tensors and against a loop reference."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from unseg.mining import (
+    MiningConfig,
+    attention_mass_mask,
+    cls_affinity,
+    component_of,
+    mine_masks,
+    topk_count,
+    topk_indices,
+)
+
+
+def reference_mine(cls_logits, keys, grid, heads, cls_mass, topk_fraction, keep_component):
+    """A literal, loop-based reading of reference.md §1.1 (N x N Gram matrix, python sets)."""
+    n = keys.shape[0]
+    a = cls_logits[:, : heads or cls_logits.shape[1]].mean(1)
+    if cls_mass is not None:
+        order = sorted(range(n), key=lambda j: (a[j], j))  # ascending, stable
+        total = sum(a)
+        cum, keep = 0.0, np.zeros(n, bool)
+        for j in order:
+            cum += a[j] / total
+            keep[j] = cum > 1 - cls_mass
+        a = a * keep
+    k = int(topk_fraction * n + 1e-9)
+    proposals = sorted(range(n), key=lambda j: (-a[j], j))[:k]
+    s = proposals[0]
+    A = keys @ keys.T
+    p_prime = [j for j in proposals if A[s, j] > 0]
+    mask = np.array([sum(A[j, p] for j in p_prime) > 0 for p in range(n)])
+    if keep_component:
+        labels, _ = ndimage.label(mask.reshape(grid))
+        mask = (labels == labels.flat[s]).reshape(-1)
+    return mask, s
+
+
+def test_cls_affinity_averages_the_first_heads():
+    logits = torch.tensor([[[1.0, 3.0, 100.0], [2.0, 2.0, -50.0]]])  # (B=1, N=2, H=3)
+    assert torch.allclose(cls_affinity(logits, heads=2), torch.tensor([[2.0, 2.0]]))
+    assert torch.allclose(cls_affinity(logits, heads=None), torch.tensor([[104 / 3, -46 / 3]]))
+    with pytest.raises(ValueError):
+        cls_affinity(logits, heads=4)
+
+
+def test_attention_mass_mask_keeps_the_top_half_of_the_mass():
+    a = torch.tensor([[1.0, 4.0, 2.0, 3.0]])  # total 10; sorted 1,2,3,4 -> cum .1 .3 .6 1.0
+    # cum > 0.5 keeps values 3 and 4 (cum .6 and 1.0)
+    assert attention_mass_mask(a, 0.5).tolist() == [[False, True, False, True]]
+    # mass 0.75: cum > 0.25 keeps 2, 3, 4
+    assert attention_mass_mask(a, 0.75).tolist() == [[False, True, True, True]]
+
+
+def test_topk_breaks_ties_by_lower_index():
+    a = torch.tensor([[0.0, 5.0, 0.0, 0.0, 5.0, 1.0]])
+    assert topk_indices(a, 4).tolist() == [[1, 4, 5, 0]]
+    assert topk_count(10, 0.4) == 4 and topk_count(3, 0.1) == 1 and topk_count(100, 0.3) == 30
+
+
+def test_source_filter_uses_the_sign_of_the_key_affinity():
+    # 1 x 4 grid; keys chosen so that A[s, j] > 0 only for some proposals.
+    keys = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [-1.0, 0.0], [0.0, 1.0]]])
+    logits = torch.tensor([[[9.0], [8.0], [7.0], [1.0]]])  # source = token 0, P = top 3 = {0, 1, 2}
+    cfg = MiningConfig(heads=None, cls_mass=None, topk_fraction=0.75, keep_component=False)
+    out = mine_masks(logits, keys, (1, 4), cfg)
+    # P' = {0, 1} (A[0,2] = -1 < 0); score(p) = (k0 + k1) . k_p = (2, 0.1) . k_p
+    # p0: 2 > 0, p1: 2.01 > 0, p2: -2 < 0, p3: 0.1 > 0
+    assert out.source.tolist() == [0]
+    assert out.mask.tolist() == [[True, True, False, True]]
+
+
+def test_keep_component_drops_a_disconnected_region():
+    keys = torch.tensor([[[1.0], [1.0], [-1.0], [1.0]]])  # grid 1 x 4: tokens 0,1 | 2 negative | 3
+    logits = torch.tensor([[[4.0], [3.0], [2.0], [1.0]]])
+    cfg = MiningConfig(heads=None, cls_mass=None, topk_fraction=0.5, keep_component=False)
+    assert mine_masks(logits, keys, (1, 4), cfg).mask.tolist() == [[True, True, False, True]]
+    cfg = MiningConfig(heads=None, cls_mass=None, topk_fraction=0.5, keep_component=True)
+    assert mine_masks(logits, keys, (1, 4), cfg).mask.tolist() == [[True, True, False, False]]
+
+
+def test_component_is_four_connected_not_eight():
+    mask = torch.tensor([[[1, 0, 0], [0, 1, 0], [0, 1, 1]]], dtype=torch.bool)
+    comp = component_of(mask, torch.tensor([4]))  # seed at the centre
+    assert comp.int().tolist() == [[[0, 0, 0], [0, 1, 0], [0, 1, 1]]]
+
+
+def test_component_matches_scipy_on_random_masks():
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(16, 9, 11, generator=g) > 0.45
+    seeds = torch.stack([torch.nonzero(m.view(-1))[0, 0] for m in mask])
+    comp = component_of(mask, seeds)
+    for b in range(16):
+        labels, _ = ndimage.label(mask[b].numpy())
+        want = labels == labels.flat[int(seeds[b])]
+        assert np.array_equal(comp[b].numpy(), want)
+
+
+def test_mass_mask_ties_follow_token_order_when_few_tokens_survive():
+    # One peaked token: after the mass mask every other a_CLS is 0, so P is filled by index order.
+    logits = torch.tensor([[[0.0], [0.0], [10.0], [0.0], [0.0]]])
+    keys = torch.eye(5)[None]
+    cfg = MiningConfig(heads=None, cls_mass=0.5, topk_fraction=0.6, keep_component=False)
+    out = mine_masks(logits, keys, (1, 5), cfg)
+    assert out.source.tolist() == [2]
+    # P = {2, 0, 1}; P' = {2} (orthogonal keys); mask = {2}
+    assert out.mask.tolist() == [[False, False, True, False, False]]
+
+
+@pytest.mark.parametrize("cls_mass", [None, 0.5])
+@pytest.mark.parametrize("heads", [None, 2])
+@pytest.mark.parametrize("keep_component", [False, True])
+def test_vectorised_rule_equals_the_loop_reference(cls_mass, heads, keep_component):
+    rng = np.random.default_rng(1)
+    grid = (6, 7)
+    n, h, d = grid[0] * grid[1], 3, 4
+    # structured keys: a blob of tokens shares a direction, plus noise, like an object on background
+    base = rng.normal(size=(2, h * d))
+    obj = np.zeros(grid, bool)
+    obj[1:4, 2:6] = True
+    keys = np.where(obj.reshape(-1, 1), base[0], base[1]) + 0.8 * rng.normal(size=(n, h * d))
+    logits = rng.normal(size=(n, h)) + 2.0 * obj.reshape(-1, 1)
+    cfg = MiningConfig(heads=heads, cls_mass=cls_mass, topk_fraction=0.4, keep_component=keep_component)
+    batch_keys = torch.tensor(np.stack([keys, -keys, keys[::-1].copy()]), dtype=torch.float32)
+    batch_logits = torch.tensor(np.stack([logits, logits, logits[::-1].copy()]), dtype=torch.float32)
+    out = mine_masks(batch_logits, batch_keys, grid, cfg)
+    for b in range(3):
+        want_mask, want_s = reference_mine(
+            batch_logits[b].double().numpy(),
+            batch_keys[b].double().numpy(),
+            grid,
+            heads,
+            cls_mass,
+            0.4,
+            keep_component,
+        )
+        assert int(out.source[b]) == want_s
+        assert np.array_equal(out.mask[b].numpy(), want_mask)
+
+
+def test_batched_mining_equals_one_image_at_a_time():
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(5, 20, 8, generator=g)
+    logits = torch.randn(5, 20, 2, generator=g)
+    cfg = MiningConfig(heads=1, cls_mass=0.5, topk_fraction=0.4, keep_component=True)
+    together = mine_masks(logits, keys, (4, 5), cfg)
+    for b in range(5):
+        alone = mine_masks(logits[b : b + 1], keys[b : b + 1], (4, 5), cfg)
+        assert torch.equal(alone.mask[0], together.mask[b]) and alone.source[0] == together.source[b]
+
+
+def test_source_always_belongs_to_its_mask():
+    g = torch.Generator().manual_seed(4)
+    out = mine_masks(torch.randn(8, 30, 3, generator=g), torch.randn(8, 30, 6, generator=g), (5, 6), MiningConfig())
+    assert out.mask[torch.arange(8), out.source].all()

@@ -1,0 +1,72 @@
+"""params.yaml validation: unknown keys, wrong types and out-of-range values stop with one line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from unseg.params import ParamsError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_params_files_are_valid():
+    tiny = load_params(ROOT / "params.yaml")
+    assert tiny.data.dataset == "generated"
+    paper = load_params(ROOT / "configs" / "paper.yaml")
+    assert paper.mining.topk_fraction == 0.4 and paper.backbone.patch_size == 16 and paper.features.short_side == 640
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"mining": {"topk_fraction": 1.5}}, "mining.topk_fraction = 1.5: must be in (0, 1]"),
+        ({"mining": {"topk_fraction": 0}}, "mining.topk_fraction = 0: must be in (0, 1]"),
+        ({"cluster": {"classes": 0}}, "cluster.classes = 0: must be >= 1"),
+        ({"mining": {"topk": 0.4}}, "unknown key mining.topk"),
+        ({"minning": {}}, "unknown section 'minning'"),
+        ({"mining": {"heads": "five"}}, "mining.heads = 'five': must be an int or null"),
+        ({"mining": {"keep_component": 1}}, "mining.keep_component = 1: must be a bool"),
+        ({"features": {"fit": "stretch"}}, "features.fit = 'stretch': must be one of pad, crop"),
+        ({"features": {"short_side": None}}, "features.short_side = null: must be an int"),
+        ({"data": {"dataset": "voc"}}, "data.root is null"),
+        ({"data": {"min_side": 200, "max_side": 100}}, "data.min_side = 200: must be <= data.max_side"),
+    ],
+)
+def test_errors_name_the_key_and_the_allowed_range(raw, message):
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_ints_are_accepted_for_floats_and_null_where_allowed():
+    p = parse_params({"mining": {"topk_fraction": 1, "cls_mass": None, "heads": 5}})
+    assert p.mining.topk_fraction == 1.0 and isinstance(p.mining.topk_fraction, float)
+    assert p.mining.cls_mass is None and p.mining.heads == 5
+
+
+def test_a_stage_reports_bad_params_in_one_line_before_any_work(tmp_path):
+    bad = yaml.safe_load((ROOT / "params.yaml").read_text())
+    bad["mining"]["topk_fraction"] = 1.5
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
+    out = tmp_path / "masks.zarr"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.mine_masks",
+            str(tmp_path / "missing.zarr"),
+            str(out),
+            "--params",
+            str(tmp_path / "params.yaml"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "mine_masks: error: params.yaml: mining.topk_fraction = 1.5: must be in (0, 1]"
+    assert not out.exists()

@@ -1,0 +1,116 @@
+"""Ragged Zarr stores: round trips, resume after an interrupted write, few files per store."""
+
+import numpy as np
+import pytest
+
+from unseg import store
+
+
+def make_features(rng, grids, dim=6, heads=2):
+    lengths = grids[:, 0] * grids[:, 1]
+    t = int(lengths.sum())
+    return {
+        "keys": rng.normal(size=(t, dim)).astype(np.float16),
+        "cls_logits": rng.normal(size=(t, heads)).astype(np.float32),
+        "cls_token": rng.normal(size=(len(grids), dim)).astype(np.float32),
+        "grid": grids.astype(np.int32),
+        "input_size": (grids * 8).astype(np.int32),
+        "image_id": np.arange(len(grids), dtype=np.int64) * 10,
+    }
+
+
+def test_ragged_round_trip_per_image(tmp_path):
+    rng = np.random.default_rng(0)
+    grids = np.array([[3, 4], [2, 2], [5, 1], [1, 1]])
+    data = make_features(rng, grids)
+    w = store.feature_writer(tmp_path / "f.zarr", grids, 6, 2, {"backbone": "x"}, digest="d")
+    w.write(0, {k: v for k, v in data.items()})
+    w.finalize()
+    s = store.RaggedStore(tmp_path / "f.zarr")
+    assert len(s) == 4 and s.attrs["backbone"] == "x"
+    starts = np.concatenate([[0], np.cumsum(grids[:, 0] * grids[:, 1])])
+    for i in range(4):
+        np.testing.assert_array_equal(s.rows("keys", i), data["keys"][starts[i] : starts[i + 1]])
+        np.testing.assert_array_equal(s.rows("cls_logits", i), data["cls_logits"][starts[i] : starts[i + 1]])
+    np.testing.assert_array_equal(s.read("image_id"), data["image_id"])
+    np.testing.assert_array_equal(s.span("keys", 1, 3), data["keys"][starts[1] : starts[3]])
+    assert not (tmp_path / "f.zarr.partial").exists()
+
+
+def test_interrupted_writer_resumes_and_equals_one_pass(tmp_path):
+    rng = np.random.default_rng(1)
+    grids = rng.integers(1, 6, size=(9, 2))
+    data = make_features(rng, grids)
+    starts = np.concatenate([[0], np.cumsum(grids[:, 0] * grids[:, 1])])
+
+    def part(a, b):
+        return {k: (v[starts[a] : starts[b]] if k in ("keys", "cls_logits") else v[a:b]) for k, v in data.items()}
+
+    w = store.feature_writer(tmp_path / "f.zarr", grids, 6, 2, {}, digest="same")
+    w.write(0, part(0, 4))
+    del w  # "killed" after four images
+    w = store.feature_writer(tmp_path / "f.zarr", grids, 6, 2, {}, digest="same")
+    assert w.done == 4
+    with pytest.raises(ValueError):
+        w.write(2, part(2, 4))
+    w.write(4, part(4, 9))
+    w.finalize()
+    s = store.RaggedStore(tmp_path / "f.zarr")
+    np.testing.assert_array_equal(s.read("keys"), data["keys"])
+    np.testing.assert_array_equal(s.read("cls_token"), data["cls_token"])
+
+
+def test_a_changed_digest_starts_over(tmp_path):
+    rng = np.random.default_rng(2)
+    grids = np.array([[2, 2], [2, 2]])
+    data = make_features(rng, grids)
+    w = store.feature_writer(tmp_path / "f.zarr", grids, 6, 2, {}, digest="old")
+    w.write(0, {k: (v[:4] if k in ("keys", "cls_logits") else v[:1]) for k, v in data.items()})
+    w = store.feature_writer(tmp_path / "f.zarr", grids, 6, 2, {}, digest="new")
+    assert w.done == 0
+
+
+def test_finalize_refuses_an_incomplete_store(tmp_path):
+    grids = np.array([[1, 2], [1, 2]])
+    w = store.feature_writer(tmp_path / "f.zarr", grids, 6, 2, {}, digest="d")
+    with pytest.raises(ValueError):
+        w.finalize()
+    assert not (tmp_path / "f.zarr").exists()
+
+
+def test_large_store_is_a_handful_of_files(tmp_path):
+    rng = np.random.default_rng(3)
+    grids = np.full((400, 2), 16)  # 102400 tokens x 192 dims float16 = 39 MB
+    lengths = grids[:, 0] * grids[:, 1]
+    w = store.feature_writer(tmp_path / "f.zarr", grids, 192, 3, {}, digest="d")
+    t = int(lengths.sum())
+    w.write(
+        0,
+        {
+            "keys": rng.normal(size=(t, 192)).astype(np.float16),
+            "cls_logits": np.zeros((t, 3), np.float32),
+            "cls_token": np.zeros((400, 192), np.float32),
+            "grid": grids,
+            "input_size": grids * 8,
+            "image_id": np.arange(400),
+        },
+    )
+    w.finalize()
+    files = [p for p in (tmp_path / "f.zarr").rglob("*") if p.is_file()]
+    assert len(files) < 30
+
+
+def test_semantic_store_round_trip(tmp_path):
+    labels = [np.arange(12, dtype=np.uint8).reshape(3, 4), np.full((2, 5), 7, np.uint8)]
+    store.write_semantic(tmp_path / "s.zarr", np.array([4, 9]), labels, {"kind": "pseudo-gt"})
+    s = store.RaggedStore(tmp_path / "s.zarr")
+    for i, lab in enumerate(labels):
+        np.testing.assert_array_equal(store.read_semantic_map(s, i), lab)
+    assert s.read("image_id").tolist() == [4, 9]
+
+
+def test_missing_store_is_a_user_error(tmp_path):
+    from unseg.errors import UserError
+
+    with pytest.raises(UserError):
+        store.RaggedStore(tmp_path / "nope.zarr")

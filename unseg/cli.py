@@ -1,0 +1,47 @@
+"""What every stage script shares: argument parsing, params loading and clean failure.
+
+A user mistake (``UserError``, including bad params) prints one line ``<stage>: error: ...`` and
+exits with status 2; Ctrl-C exits with 130 and leaves only ``.partial`` scratch behind, which the
+next run resumes or discards. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from unseg.errors import UserError
+from unseg.params import Params, load_params
+
+PARAMS_FILE = "params.yaml"
+
+
+def log(stage: str, message: str) -> None:
+    print(f"[{stage}] {message}", file=sys.stderr, flush=True)
+
+
+def run_stage(name: str, main: Callable[[argparse.Namespace, Params], None], parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
+    args = parser.parse_args()
+    start = time.time()
+    try:
+        params = load_params(Path(args.params))
+        main(args, params)
+    except UserError as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; rerun to resume", file=sys.stderr)
+        sys.exit(130)
+    log(name, f"done in {time.time() - start:.1f} s")
+
+
+def parser(description: str, *paths: str) -> argparse.ArgumentParser:
+    """An argument parser taking the given positional paths (deps first, then outs, as in dvc.yaml)."""
+    ap = argparse.ArgumentParser(description=description)
+    for p in paths:
+        ap.add_argument(p, type=Path)
+    return ap

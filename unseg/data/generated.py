@@ -1,0 +1,154 @@
+"""The embedded dataset: deterministic images of textured shapes on cluttered backgrounds.
+
+A category is a *shape with its texture* (a disc of stripes, a square of checks, ...); colours are
+drawn at random for every instance and for the background, so colour carries no class information
+and K-means on raw pixels cannot solve the task. Each image holds 1..``max_instances`` instances on
+a background of smooth coloured noise with clutter (random strokes and blobs). Ground truth: a
+semantic label map (0 = background, c = category c) and COCO instance masks of the visible parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from skimage.draw import polygon2mask
+
+CATEGORIES = ("disc", "square", "triangle", "cross", "star")
+TEXTURES = ("stripes", "checks", "dots", "rings", "grid")
+
+
+@dataclass(frozen=True)
+class Instance:
+    category: int  # 1-based category id
+    mask: np.ndarray  # (H, W) bool, visible part
+
+
+def _random_colour(rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(0.0, 1.0, size=3)
+
+
+def _contrasting_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two random colours whose brightness differs enough for the texture to be visible."""
+    while True:
+        a, b = _random_colour(rng), _random_colour(rng)
+        if abs(a.mean() - b.mean()) > 0.25 or np.abs(a - b).max() > 0.55:
+            return a, b
+
+
+def _rotated(xx, yy, cx, cy, theta):
+    u = (xx - cx) * np.cos(theta) + (yy - cy) * np.sin(theta)
+    v = -(xx - cx) * np.sin(theta) + (yy - cy) * np.cos(theta)
+    return u, v
+
+
+def _regular_polygon(h, w, cx, cy, radii, theta) -> np.ndarray:
+    angles = theta + np.linspace(0, 2 * np.pi, len(radii), endpoint=False)
+    pts = np.stack([cy + radii * np.sin(angles), cx + radii * np.cos(angles)], axis=1)
+    return polygon2mask((h, w), pts)
+
+
+def shape_mask(kind: str, h: int, w: int, cx: float, cy: float, r: float, theta: float) -> np.ndarray:
+    """(H, W) bool mask of one shape of bounding radius ``r`` centred at (cx, cy), rotated by theta."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+    if kind == "disc":
+        return (xx - cx) ** 2 + (yy - cy) ** 2 <= r**2
+    u, v = _rotated(xx, yy, cx, cy, theta)
+    if kind == "square":
+        s = r / np.sqrt(2)
+        return (np.abs(u) <= s) & (np.abs(v) <= s)
+    if kind == "cross":
+        t = 0.36 * r
+        return ((np.abs(u) <= r) & (np.abs(v) <= t)) | ((np.abs(v) <= r) & (np.abs(u) <= t))
+    if kind == "triangle":
+        return _regular_polygon(h, w, cx, cy, np.full(3, r), theta)
+    if kind == "star":
+        return _regular_polygon(h, w, cx, cy, np.tile([r, 0.5 * r], 5), theta)
+    raise ValueError(kind)
+
+
+def texture(kind: str, h: int, w: int, cx: float, cy: float, rng: np.random.Generator) -> np.ndarray:
+    """(H, W) bool pattern of one texture around (cx, cy), random scale, orientation and phase."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    u, v = _rotated(xx, yy, cx, cy, rng.uniform(0, np.pi))
+    period = rng.uniform(4.5, 6.5)
+    phase = rng.uniform(0, period)
+    if kind == "stripes":
+        return np.mod(u + phase, period) < period / 2
+    if kind == "checks":
+        return (np.floor((u + phase) / period) + np.floor((v + phase) / period)) % 2 == 0
+    if kind == "dots":
+        du, dv = np.mod(u + phase, period) - period / 2, np.mod(v + phase, period) - period / 2
+        return du**2 + dv**2 < (0.3 * period) ** 2
+    if kind == "rings":
+        return np.mod(np.hypot(xx - cx, yy - cy) + phase, period) < period / 2
+    if kind == "grid":
+        return (np.mod(u + phase, period) < 1.6) | (np.mod(v + phase, period) < 1.6)
+    raise ValueError(kind)
+
+
+def cluttered_background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """(H, W, 3) float image: smooth coloured noise plus random strokes and blobs (no periodic texture)."""
+    img = np.empty((h, w, 3), np.float32)
+    base = _random_colour(rng)
+    for c in range(3):
+        noise = ndimage.gaussian_filter(rng.normal(size=(h, w)), sigma=rng.uniform(6, 14), mode="wrap")
+        img[..., c] = base[c] + 0.35 * noise / (noise.std() + 1e-6)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for _ in range(rng.integers(6, 14)):  # strokes
+        x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
+        ang, length, width = rng.uniform(0, np.pi), rng.uniform(8, 30), rng.uniform(0.8, 2.2)
+        u, v = _rotated(xx, yy, x0, y0, ang)
+        img[(np.abs(u) <= length / 2) & (np.abs(v) <= width / 2)] = _random_colour(rng)
+    for _ in range(rng.integers(2, 6)):  # soft blobs
+        x0, y0, rad = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(3, 9)
+        img[(xx - x0) ** 2 + (yy - y0) ** 2 <= rad**2] = _random_colour(rng)
+    return img
+
+
+def render_image(
+    h: int, w: int, n_categories: int, max_instances: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, list[Instance]]:
+    """One image: uint8 (H, W, 3), semantic uint8 (H, W) and the visible instances (front-most last)."""
+    img = cluttered_background(h, w, rng)
+    semantic = np.zeros((h, w), np.uint8)
+    owner = np.full((h, w), -1, np.int32)
+    placed: list[tuple[float, float, float]] = []
+    cats: list[int] = []
+    n = int(rng.integers(1, max_instances + 1))
+    side = min(h, w)
+    for _ in range(n):
+        for _attempt in range(30):
+            r = rng.uniform(0.17, 0.3) * side
+            cx, cy = rng.uniform(r * 0.8, w - r * 0.8), rng.uniform(r * 0.8, h - r * 0.8)
+            if all(np.hypot(cx - x, cy - y) > 0.85 * (r + rr) for x, y, rr in placed):
+                break
+        else:
+            continue
+        cat = int(rng.integers(0, n_categories))
+        mask = shape_mask(CATEGORIES[cat], h, w, cx, cy, r, rng.uniform(0, 2 * np.pi))
+        pattern = texture(TEXTURES[cat], h, w, cx, cy, rng)
+        col_a, col_b = _contrasting_pair(rng)
+        img[mask] = np.where(pattern[mask][:, None], col_a, col_b)
+        semantic[mask] = cat + 1
+        owner[mask] = len(placed)
+        placed.append((cx, cy, r))
+        cats.append(cat + 1)
+    img += rng.normal(scale=0.03, size=img.shape).astype(np.float32)
+    image = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+    instances = [Instance(cats[i], owner == i) for i in range(len(placed)) if (owner == i).sum() >= 16]
+    return image, semantic, instances
+
+
+def image_size(rng: np.random.Generator, min_side: int, max_side: int) -> tuple[int, int]:
+    """(H, W) drawn from multiples of 16 in [min_side, max_side], so aspect ratios vary."""
+    sides = np.arange(min_side, max_side + 1, 16) if max_side - min_side >= 16 else np.array([min_side])
+    return int(rng.choice(sides)), int(rng.choice(sides))
+
+
+def render_sample(index: int, seed: int, n_categories: int, max_instances: int, min_side: int, max_side: int):
+    """Sample ``index`` of the dataset, a pure function of (index, seed)."""
+    rng = np.random.default_rng([seed, index])
+    h, w = image_size(rng, min_side, max_side)
+    return render_image(h, w, n_categories, max_instances, rng)

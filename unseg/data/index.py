@@ -1,0 +1,327 @@
+"""The image index every stage reads, and the adapters that build it.
+
+An index lists images (id, path, size, split, optional semantic label file) plus what is known
+about ground truth: class names, an ignore index, a label remapping and an optional COCO instances
+json. Adapters index a dataset in place (images are never copied): a plain image folder (no ground
+truth: the real unsupervised use), COCO instances json, the VOC 2012 layout, the CamVid/SegNet
+layout. The embedded generated dataset is written by :func:`prepare_generated`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from unseg import coco
+from unseg.data import generated
+from unseg.errors import UserError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IGNORE = 255
+
+
+@dataclass
+class ImageEntry:
+    id: int
+    file: str
+    height: int
+    width: int
+    split: str
+    semantic: str | None = None
+
+
+@dataclass
+class DatasetIndex:
+    """Images plus ground-truth facts. Semantic labels: 0..C-1 class ids, ``ignore_index`` ignored."""
+
+    name: str
+    images: list[ImageEntry]
+    classes: list[str] | None = None  # GT class names (index = label value); None: no ground truth
+    ignore_index: int = IGNORE
+    label_map: dict[int, int] = field(default_factory=dict)  # raw label value -> label (e.g. CamVid void -> 255)
+    instances: str | None = None  # COCO instances json with ground truth (ids = image ids)
+    semantic_from_instances: bool = False  # rasterise semantic GT from `instances` (COCO)
+
+    # ---- persistence
+    def save(self, path: str | Path) -> None:
+        obj = asdict(self)
+        obj["label_map"] = {str(k): v for k, v in self.label_map.items()}
+        coco.write_json(obj, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> DatasetIndex:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no image index (run the prepare stage first)")
+        obj = json.loads(path.read_text())
+        obj["images"] = [ImageEntry(**e) for e in obj["images"]]
+        obj["label_map"] = {int(k): v for k, v in obj.get("label_map", {}).items()}
+        return cls(**obj)
+
+    # ---- access
+    def split(self, name: str | None) -> list[ImageEntry]:
+        return [e for e in self.images if name is None or e.split == name]
+
+    @property
+    def has_ground_truth(self) -> bool:
+        return self.classes is not None
+
+    @property
+    def by_id(self) -> dict[int, ImageEntry]:
+        return {e.id: e for e in self.images}
+
+    @cached_property
+    def _gt_instances(self) -> dict[int, list[dict]]:
+        per_image: dict[int, list[dict]] = {}
+        if self.instances:
+            for ann in coco.read_json(self.instances)["annotations"]:
+                per_image.setdefault(ann["image_id"], []).append(ann)
+        return per_image
+
+    def read_semantic(self, entry: ImageEntry) -> np.ndarray | None:
+        """(H, W) uint8 ground-truth labels, or None when the image has none."""
+        if self.semantic_from_instances:
+            return self._semantic_from_instances(entry)
+        if entry.semantic is None:
+            return None
+        lab = np.asarray(Image.open(entry.semantic))
+        if lab.ndim == 3:
+            raise UserError(f"{entry.semantic}: semantic labels must be single-channel index images")
+        lab = lab.astype(np.uint8)
+        if self.label_map:
+            lut = np.arange(256, dtype=np.uint8)
+            for src, dst in self.label_map.items():
+                lut[src] = dst
+            lab = lut[lab]
+        return lab
+
+    def _semantic_from_instances(self, entry: ImageEntry) -> np.ndarray:
+        from pycocotools import mask as mask_utils
+
+        lab = np.zeros((entry.height, entry.width), np.uint8)
+        for ann in sorted(self._gt_instances.get(entry.id, []), key=lambda a: -a.get("area", 0)):
+            seg = ann["segmentation"]
+            if isinstance(seg, list):
+                rle = mask_utils.merge(mask_utils.frPyObjects(seg, entry.height, entry.width))
+                m = mask_utils.decode(rle).astype(bool)
+            else:
+                m = coco.decode_rle(seg)
+            lab[m] = self.ignore_index if ann.get("iscrowd", 0) else ann["category_id"]
+        return lab
+
+
+def read_image(entry: ImageEntry) -> np.ndarray:
+    """(H, W, 3) uint8 RGB."""
+    try:
+        with Image.open(entry.file) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{entry.file}: cannot read image ({err})") from err
+
+
+# ---------------------------------------------------------------- the generated dataset
+
+
+def prepare_generated(
+    out_dir: str | Path,
+    n_train: int,
+    n_val: int,
+    n_categories: int,
+    max_instances: int,
+    min_side: int,
+    max_side: int,
+    seed: int,
+    progress=None,
+) -> DatasetIndex:
+    """Write the embedded dataset (PNG images, PNG semantic maps, COCO instances json) and its index."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "semantic").mkdir(parents=True, exist_ok=True)
+    entries, anns = [], []
+    splits = ["train"] * n_train + ["val"] * n_val
+    it = progress(range(len(splits))) if progress else range(len(splits))
+    for i in it:
+        img, sem, instances = generated.render_sample(i, seed, n_categories, max_instances, min_side, max_side)
+        name = f"{i:06d}.png"
+        Image.fromarray(img).save(out / "images" / name, optimize=False, compress_level=1)
+        Image.fromarray(sem).save(out / "semantic" / name, compress_level=1)
+        h, w = sem.shape
+        entries.append(ImageEntry(i, str(out / "images" / name), h, w, splits[i], str(out / "semantic" / name)))
+        anns += [coco.annotation(len(anns) + 1, i, inst.category, inst.mask) for inst in instances]
+    categories = [{"id": c + 1, "name": generated.CATEGORIES[c]} for c in range(n_categories)]
+    gt = {
+        "images": [{"id": e.id, "file_name": Path(e.file).name, "height": e.height, "width": e.width} for e in entries],
+        "annotations": anns,
+        "categories": categories,
+    }
+    coco.write_json(gt, out / "instances.json")
+    return DatasetIndex(
+        name="generated",
+        images=entries,
+        classes=["background", *generated.CATEGORIES[:n_categories]],
+        instances=str(out / "instances.json"),
+    )
+
+
+# ---------------------------------------------------------------- adapters
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except OSError as err:
+        raise UserError(f"{path}: cannot read image ({err})") from err
+
+
+def _limit(items: list, limit: int | None) -> list:
+    return items if limit is None else items[:limit]
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise UserError(f"data.root: {what} folder {path} does not exist")
+    return path
+
+
+def index_folder(root: str | Path, limit: int | None = None) -> DatasetIndex:
+    """Every image under ``root`` (recursively), split 'train', no ground truth."""
+    root = _require_dir(Path(root), "image")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"data.root: no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+    files = _limit(files, limit)
+    entries = [ImageEntry(i, str(f.resolve()), *_image_size(f), "train") for i, f in enumerate(files)]
+    return DatasetIndex(name="folder", images=entries)
+
+
+def index_coco(root: str | Path, splits: list[str], out_dir: str | Path, limit: int | None = None) -> DatasetIndex:
+    """COCO layout: ``images/<split>/`` (or ``<split>/``) and ``annotations/instances_<split>.json``.
+
+    Categories are remapped to contiguous labels 1..C (0 = background); crowd regions are ignored.
+    The ground truth of all splits is written, merged, to ``out_dir/instances.json``.
+    """
+    root = _require_dir(Path(root), "COCO")
+    entries, anns, cats = [], [], None
+    for split in splits:
+        ann_file = root / "annotations" / f"instances_{split}.json"
+        if not ann_file.is_file():
+            raise UserError(f"data.root: {ann_file} not found (COCO layout: annotations/instances_<split>.json)")
+        img_dir = root / "images" / split if (root / "images" / split).is_dir() else root / split
+        _require_dir(img_dir, "COCO image")
+        gt = coco.read_json(ann_file)
+        cats = cats or sorted(gt["categories"], key=lambda c: c["id"])
+        images = _limit(sorted(gt["images"], key=lambda im: im["id"]), limit)
+        keep = {im["id"] for im in images}
+        entries += [
+            ImageEntry(im["id"], str((img_dir / im["file_name"]).resolve()), im["height"], im["width"], split)
+            for im in images
+        ]
+        anns += [a for a in gt["annotations"] if a["image_id"] in keep]
+    contiguous = {c["id"]: i + 1 for i, c in enumerate(cats)}
+    for a in anns:
+        a["category_id"] = contiguous[a["category_id"]]
+    merged = {
+        "images": [{"id": e.id, "file_name": Path(e.file).name, "height": e.height, "width": e.width} for e in entries],
+        "annotations": anns,
+        "categories": [{"id": contiguous[c["id"]], "name": c["name"]} for c in cats],
+    }
+    out = Path(out_dir) / "instances.json"
+    coco.write_json(merged, out)
+    return DatasetIndex(
+        name="coco",
+        images=entries,
+        classes=["background"] + [c["name"] for c in cats],
+        instances=str(out),
+        semantic_from_instances=True,
+    )
+
+
+VOC_CLASSES = [
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+]
+
+
+def index_voc(root: str | Path, splits: list[str], limit: int | None = None) -> DatasetIndex:
+    """VOC 2012 layout: JPEGImages/, SegmentationClass(Aug)/, ImageSets/Segmentation/<split>.txt."""
+    root = _require_dir(Path(root), "VOC")
+    entries = []
+    for split in splits:
+        lst = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        if not lst.is_file():
+            raise UserError(f"data.root: {lst} not found (VOC layout: ImageSets/Segmentation/<split>.txt)")
+        names = _limit(lst.read_text().split(), limit)
+        for name in names:
+            img = root / "JPEGImages" / f"{name}.jpg"
+            lab = next(
+                (
+                    d / f"{name}.png"
+                    for d in (root / "SegmentationClass", root / "SegmentationClassAug")
+                    if (d / f"{name}.png").is_file()
+                ),
+                None,
+            )
+            h, w = _image_size(img)
+            entries.append(
+                ImageEntry(len(entries), str(img.resolve()), h, w, split, str(lab.resolve()) if lab else None)
+            )
+    return DatasetIndex(name="voc", images=entries, classes=list(VOC_CLASSES))
+
+
+def index_camvid(root: str | Path, splits: list[str], limit: int | None = None) -> DatasetIndex:
+    """CamVid (SegNet tutorial) layout: ``<split>/images/*.png`` and ``<split>/labels/*.png``, 11 = void."""
+    root = _require_dir(Path(root), "CamVid")
+    names_file = root / "classes.txt"
+    classes = None
+    if names_file.is_file():
+        classes = [ln.split(maxsplit=1)[-1].strip() for ln in names_file.read_text().splitlines() if ln.strip()]
+        classes = [c for c in classes if c.lower() not in ("void", "unlabelled", "unlabeled")][:11]
+    entries = []
+    for split in splits:
+        img_dir = _require_dir(root / split / "images", "CamVid image")
+        files = _limit(sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), limit)
+        for f in files:
+            lab = root / split / "labels" / f.name
+            h, w = _image_size(f)
+            entries.append(
+                ImageEntry(len(entries), str(f.resolve()), h, w, split, str(lab.resolve()) if lab.is_file() else None)
+            )
+    classes = classes or [
+        "Sky",
+        "Building",
+        "Pole",
+        "Road",
+        "Pavement",
+        "Tree",
+        "SignSymbol",
+        "Fence",
+        "Car",
+        "Pedestrian",
+        "Bicyclist",
+    ]
+    return DatasetIndex(name="camvid", images=entries, classes=classes, label_map={11: IGNORE})

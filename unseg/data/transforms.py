@@ -1,0 +1,109 @@
+"""Image geometry for ViT inputs: shortest-side resize, normalisation, fit to a multiple of the patch.
+
+Matches the released MaskDistill pre-processing (reference §1.1): ``Resize(short_side)`` (shorter
+side to ``short_side``, the longer one scaled and truncated, bilinear with antialiasing), ImageNet
+normalisation, then zero-padding at the bottom/right to a multiple of the patch (0 after
+normalisation is the mean colour). ``fit='crop'`` crops the bottom/right remainder instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unseg.models.vit import IMAGENET_MEAN, IMAGENET_STD
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an image goes on its way into the ViT.
+
+    original: (H, W) of the file; resized: (h, w) after the shortest-side resize;
+    canvas: (h', w') after padding/cropping to a multiple of the patch; grid: (h'/p, w'/p) tokens.
+    """
+
+    original: tuple[int, int]
+    resized: tuple[int, int]
+    canvas: tuple[int, int]
+    grid: tuple[int, int]
+    patch: int
+
+
+def resized_size(h: int, w: int, short_side: int | None) -> tuple[int, int]:
+    """torchvision ``Resize(short_side)``: shorter side -> short_side, longer side truncated."""
+    if short_side is None:
+        return h, w
+    if h <= w:
+        return short_side, int(short_side * w / h)
+    return int(short_side * h / w), short_side
+
+
+def geometry(h: int, w: int, short_side: int | None, patch: int, fit: str = "pad") -> Geometry:
+    rh, rw = resized_size(h, w, short_side)
+    if fit == "pad":
+        ch, cw = -(-rh // patch) * patch, -(-rw // patch) * patch
+    elif fit == "crop":
+        ch, cw = max(patch, rh // patch * patch), max(patch, rw // patch * patch)
+    else:
+        raise ValueError(f"fit must be 'pad' or 'crop', got {fit!r}")
+    return Geometry((h, w), (rh, rw), (ch, cw), (ch // patch, cw // patch), patch)
+
+
+def normalize(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32, ImageNet-normalised."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    return (x - _MEAN) / _STD
+
+
+def resize_image(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(3, H, W) float -> (3, h, w), bilinear with antialiasing (like PIL/torchvision Resize)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def fit_canvas(x: torch.Tensor, canvas: tuple[int, int]) -> torch.Tensor:
+    """Zero-pad at the bottom/right or crop the bottom/right remainder to ``canvas``."""
+    h, w = x.shape[-2:]
+    ch, cw = canvas
+    x = x[..., : min(h, ch), : min(w, cw)]
+    if x.shape[-2:] != (ch, cw):
+        x = F.pad(x, (0, cw - x.shape[-1], 0, ch - x.shape[-2]))
+    return x
+
+
+def vit_input(image: np.ndarray, geom: Geometry) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, h', w') normalised, resized and fitted to the patch grid."""
+    return fit_canvas(resize_image(normalize(image), geom.resized), geom.canvas)
+
+
+def token_mask_to_pixels(token_mask: np.ndarray, geom: Geometry, mode: str = "nearest") -> np.ndarray:
+    """(gh, gw) bool token mask -> (H, W) bool mask at the original resolution.
+
+    Nearest x patch on the canvas, back to the resized size (crop the padding, or pad a cropped
+    remainder with False), then to the original size: ``nearest`` (the paper) or ``pil_bicubic``
+    (the released code: PIL's default bicubic resize of a 0/255 image, any non-zero pixel kept,
+    which dilates the mask by a pixel or two).
+    """
+    p = geom.patch
+    up = np.repeat(np.repeat(token_mask.astype(np.uint8), p, axis=0), p, axis=1)
+    rh, rw = geom.resized
+    canvas = np.zeros((rh, rw), np.uint8)
+    h, w = min(rh, up.shape[0]), min(rw, up.shape[1])
+    canvas[:h, :w] = up[:h, :w]
+    H, W = geom.original
+    if mode == "nearest":
+        rows = np.minimum((np.arange(H) + 0.5) * rh / H, rh - 1).astype(np.int64)
+        cols = np.minimum((np.arange(W) + 0.5) * rw / W, rw - 1).astype(np.int64)
+        return canvas[rows][:, cols].astype(bool)
+    if mode == "pil_bicubic":
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(canvas * 255).resize((W, H), Image.BICUBIC)) > 0
+    raise ValueError(f"unknown upsampling mode {mode!r}")

@@ -1,0 +1,246 @@
+"""All Zarr I/O: ragged per-image arrays in sharded Zarr 3 stores.
+
+Token grids (and pixel maps) differ per image, so per-element arrays are stored *ragged*: one
+array concatenated over all images, plus ``offsets`` (N+1,) so that image i owns rows
+``offsets[i]:offsets[i+1]``. Per-image arrays have N rows. Arrays are chunked along the first axis
+(about 1 MB per chunk) and sharded (16 chunks per shard) so a store is a handful of files, which
+keeps DVC hashing fast.
+
+Writing is crash-safe: a store is built at ``<path>.partial`` and renamed to ``<path>`` by
+:meth:`RaggedWriter.finalize`. A partial store carries a digest and the number of images already
+written, so an interrupted writer with the same digest resumes where it stopped.
+
+Stores used by the pipeline (names are owned here):
+- ``features.zarr``: per token ``keys`` (T, D) float16 (last-block patch keys, concatenated over
+  heads), ``cls_logits`` (T, H) float32 (raw q_CLS(h)·k_j(h)); per image ``cls_token`` (N, D),
+  ``grid`` (N, 2), ``input_size`` (N, 2: the resized, unpadded h, w), ``image_id`` (N,).
+- ``masks.zarr``: per token ``token_mask`` (T,) bool; per image ``source`` (N,) (token index of s),
+  ``grid``, ``input_size``, ``image_id``.
+- ``semantic.zarr``: per pixel ``label`` (P,) uint8; per image ``shape`` (N, 2), ``image_id``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+from unseg.errors import UserError
+
+CHUNK_BYTES = 1 << 20
+CHUNKS_PER_SHARD = 16
+
+
+@dataclass(frozen=True)
+class Spec:
+    """An array's trailing shape and dtype; ``ragged=True`` means one row per element, not per image."""
+
+    tail: tuple[int, ...]
+    dtype: str
+    ragged: bool
+
+
+def _chunk_rows(tail: tuple[int, ...], dtype: str) -> int:
+    row = int(np.prod(tail, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return max(64, CHUNK_BYTES // max(row, 1))
+
+
+def _create(group: zarr.Group, name: str, rows: int, spec: Spec) -> zarr.Array:
+    chunk = min(_chunk_rows(spec.tail, spec.dtype), max(rows, 1))
+    shard = chunk * CHUNKS_PER_SHARD
+    shuffle = BloscShuffle.bitshuffle if np.dtype(spec.dtype).itemsize == 1 else BloscShuffle.shuffle
+    return group.create_array(
+        name,
+        shape=(rows, *spec.tail),
+        chunks=(chunk, *spec.tail),
+        shards=(shard, *spec.tail),
+        dtype=spec.dtype,
+        compressors=BloscCodec(cname="zstd", clevel=3, shuffle=shuffle),
+        fill_value=0,
+        dimension_names=("element" if spec.ragged else "image", *[f"d{i}" for i in range(len(spec.tail))]),
+    )
+
+
+class RaggedWriter:
+    """Streams per-image results into a ragged store, in image order, resumably.
+
+    ``lengths[i]`` is the number of ragged rows of image i (known up front, e.g. from its token grid).
+    """
+
+    def __init__(self, path: str | Path, lengths: np.ndarray, specs: Mapping[str, Spec], attrs: dict, digest: str):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.lengths = np.asarray(lengths, np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+        self.specs = dict(specs)
+        self.done = 0
+        if self.partial.exists() and self._resumable(digest):
+            self.group = zarr.open_group(self.partial, mode="r+")
+            self.done = int(self.group.attrs["images_done"])
+            return
+        if self.partial.exists():
+            shutil.rmtree(self.partial)
+        self.group = zarr.open_group(self.partial, mode="w")
+        n, t = len(self.lengths), int(self.offsets[-1])
+        _create(self.group, "offsets", n + 1, Spec((), "int64", False))[:] = self.offsets
+        for name, spec in self.specs.items():
+            _create(self.group, name, t if spec.ragged else n, spec)
+        self.group.attrs.update({**attrs, "digest": digest, "images_done": 0})
+
+    def _resumable(self, digest: str) -> bool:
+        try:
+            g = zarr.open_group(self.partial, mode="r")
+            return g.attrs.get("digest") == digest and np.array_equal(g["offsets"][:], self.offsets)
+        except Exception:  # an unreadable partial store is simply rebuilt
+            return False
+
+    def write(self, start: int, values: Mapping[str, np.ndarray]) -> None:
+        """Write images ``start .. start+n-1`` (``n`` from the first per-image array); must follow ``done``."""
+        if start != self.done:
+            raise ValueError(f"writes must be sequential: expected image {self.done}, got {start}")
+        n = None
+        for name, value in values.items():
+            spec = self.specs[name]
+            if not spec.ragged:
+                n = len(value)
+        if n is None:
+            raise ValueError("write() needs at least one per-image array to know how many images it holds")
+        lo, hi = int(self.offsets[start]), int(self.offsets[start + n])
+        for name, value in values.items():
+            spec = self.specs[name]
+            if spec.ragged:
+                if len(value) != hi - lo:
+                    raise ValueError(
+                        f"{name}: {len(value)} rows for images {start}..{start + n - 1}, expected {hi - lo}"
+                    )
+                self.group[name][lo:hi] = value
+            else:
+                self.group[name][start : start + n] = value
+        self.done = start + n
+        self.group.attrs["images_done"] = self.done
+
+    def finalize(self) -> Path:
+        if self.done != len(self.lengths):
+            raise ValueError(f"{self.path}: only {self.done} of {len(self.lengths)} images written")
+        with warnings.catch_warnings():  # consolidated metadata is a zarr-python extension to v3; we want it
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(self.partial)
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.replace(self.partial, self.path)
+        return self.path
+
+
+def write_ragged(
+    path: str | Path,
+    offsets_or_lengths: np.ndarray,
+    arrays: Mapping[str, np.ndarray],
+    ragged: set[str],
+    attrs: dict,
+    lengths: bool = True,
+) -> Path:
+    """Write a whole ragged store at once (small stores: masks, semantic maps)."""
+    lens = np.asarray(offsets_or_lengths) if lengths else np.diff(offsets_or_lengths)
+    specs = {k: Spec(tuple(v.shape[1:]), str(v.dtype), k in ragged) for k, v in arrays.items()}
+    w = RaggedWriter(path, lens, specs, attrs, digest="once")
+    if w.done:  # a leftover partial store of a whole-store write is never worth resuming
+        shutil.rmtree(w.partial)
+        w = RaggedWriter(path, lens, specs, attrs, digest="once")
+    w.write(0, arrays)
+    return w.finalize()
+
+
+class RaggedStore:
+    """Read access: ``store[name]`` is the zarr array, ``rows(name, i)`` image i's ragged rows."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise UserError(f"{self.path}: store not found (run the stage that writes it first)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.group = zarr.open_group(self.path, mode="r", use_consolidated=True)
+        self.offsets = self.group["offsets"][:]
+        self.attrs = dict(self.group.attrs)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, name: str) -> zarr.Array:
+        return self.group[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.group
+
+    def read(self, name: str) -> np.ndarray:
+        return self.group[name][:]
+
+    def rows(self, name: str, i: int) -> np.ndarray:
+        return self.group[name][int(self.offsets[i]) : int(self.offsets[i + 1])]
+
+    def span(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Ragged rows of images ``start..stop-1`` concatenated (one read)."""
+        return self.group[name][int(self.offsets[start]) : int(self.offsets[stop])]
+
+
+# ---------------------------------------------------------------- named stores
+
+FEATURE_SPECS = {
+    "keys": lambda d, h: Spec((d,), "float16", True),
+    "cls_logits": lambda d, h: Spec((h,), "float32", True),
+    "cls_token": lambda d, h: Spec((d,), "float32", False),
+    "grid": lambda d, h: Spec((2,), "int32", False),
+    "input_size": lambda d, h: Spec((2,), "int32", False),
+    "image_id": lambda d, h: Spec((), "int64", False),
+}
+
+
+def feature_writer(path: str | Path, grids: np.ndarray, dim: int, heads: int, attrs: dict, digest: str) -> RaggedWriter:
+    """Writer for ``features.zarr``; ``grids`` (N, 2) gives each image's token grid (h, w)."""
+    specs = {name: make(dim, heads) for name, make in FEATURE_SPECS.items()}
+    return RaggedWriter(path, grids[:, 0] * grids[:, 1], specs, attrs, digest)
+
+
+def write_masks(
+    path: str | Path, features: RaggedStore, token_mask: np.ndarray, source: np.ndarray, attrs: dict
+) -> Path:
+    """``masks.zarr``: one token mask per image, aligned row-for-row with ``features``."""
+    return write_ragged(
+        path,
+        features.offsets,
+        {
+            "token_mask": token_mask.astype(bool),
+            "source": source.astype(np.int32),
+            "grid": features.read("grid"),
+            "input_size": features.read("input_size"),
+            "image_id": features.read("image_id"),
+        },
+        ragged={"token_mask"},
+        attrs=attrs,
+        lengths=False,
+    )
+
+
+def write_semantic(path: str | Path, image_ids: np.ndarray, labels: list[np.ndarray], attrs: dict) -> Path:
+    """``semantic.zarr``: one uint8 label map per image (ragged over pixels)."""
+    shapes = np.array([lab.shape for lab in labels], np.int32).reshape(-1, 2)
+    flat = np.concatenate([lab.reshape(-1) for lab in labels]) if labels else np.zeros(0, np.uint8)
+    return write_ragged(
+        path,
+        shapes[:, 0].astype(np.int64) * shapes[:, 1],
+        {"label": flat.astype(np.uint8), "shape": shapes, "image_id": np.asarray(image_ids, np.int64)},
+        ragged={"label"},
+        attrs=attrs,
+    )
+
+
+def read_semantic_map(store: RaggedStore, i: int) -> np.ndarray:
+    h, w = store["shape"][i]
+    return store.rows("label", i).reshape(int(h), int(w))

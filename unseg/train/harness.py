@@ -1,0 +1,350 @@
+"""The one training harness used by every training stage (CrOC, HSG, Mask R-CNN, DeepLab).
+
+It holds what all loops share and nothing model-specific:
+- device selection (``auto|cpu|cuda``) and mixed precision (bf16 autocast on CUDA only);
+- ``torchrun`` DDP (NCCL on GPU, gloo on CPU), read from the usual environment variables;
+- determinism that survives interruption: the batch of step ``s`` and every random draw inside it
+  depend on ``(seed, s)`` only, so a resumed run repeats exactly what an uninterrupted one does;
+- checkpoints every N steps into a folder guarded by a params digest (a changed param starts fresh);
+- a tqdm progress bar and a CSV loss log that DVC renders as a plot.
+
+A training stage writes its own short ``step_fn(step) -> dict`` (the DINO style: one explicit step)
+and calls :func:`train_loop`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from unseg.errors import UserError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> the local CUDA device when present, else CPU. ``cuda`` without a GPU is a user error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("device: 'cuda' was asked for but no CUDA device is visible (use 'auto' or 'cpu')")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA when ``enabled``; a no-op on CPU (CPU runs stay exact and deterministic)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    """A 63-bit seed that depends only on (seed, step, salt)."""
+    x = (seed * 1_000_003 + step * 7919 + salt * 104_729) & 0x7FFF_FFFF_FFFF_FFFF
+    return x
+
+
+def generator(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+# ---------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: torch.device) -> DistInfo:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1); otherwise a single process."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of ``t`` over processes (identity without a process group)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def wrap_ddp(model: torch.nn.Module, info: DistInfo, device: torch.device, **kwargs) -> torch.nn.Module:
+    if not info.enabled:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, **kwargs)
+
+
+# ---------------------------------------------------------------- data by step
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """Dataset indices of global batch ``step``: consecutive slices of per-epoch permutations.
+
+    Epoch ``e``'s order is ``randperm(n)`` seeded by ``(seed, e)``; batches run through the
+    concatenation of those orders, so any step's batch is known without replaying earlier ones.
+    """
+    start = step * batch_size
+    out: list[int] = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=generator(step_seed(seed, epoch, salt=1)))
+        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
+    return out
+
+
+class StepBatches(Dataset):
+    """Item ``s`` is this rank's share of global batch ``s``, built by ``make_batch(indices, step)``.
+
+    ``make_batch`` must draw its randomness from ``step_seed(seed, step, index)`` so that the batch
+    is a pure function of the step. Use with :func:`step_loader`.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        make_batch: Callable[[list[int], int], Any],
+        info: DistInfo = DistInfo(),
+    ):
+        if batch_size % info.world_size:
+            raise UserError(f"batch_size {batch_size} is not divisible by the {info.world_size} processes")
+        self.n, self.batch_size, self.seed, self.make_batch, self.info = n, batch_size, seed, make_batch, info
+
+    def __len__(self) -> int:  # effectively unbounded; the sampler decides which steps are drawn
+        return 1 << 40
+
+    def __getitem__(self, step: int):
+        idx = batch_indices(step, self.n, self.batch_size, self.seed)
+        return self.make_batch(idx[self.info.rank :: self.info.world_size], step)
+
+
+def step_loader(batches: StepBatches, start: int, stop: int, workers: int = 0) -> Iterator:
+    """Iterate batches ``start..stop-1`` (workers prefetch; order and content do not depend on them)."""
+    return iter(
+        DataLoader(
+            batches,
+            batch_size=None,
+            sampler=range(start, stop),
+            num_workers=workers,
+            persistent_workers=False,
+            prefetch_factor=2 if workers else None,
+        )
+    )
+
+
+# ---------------------------------------------------------------- checkpoints and logs
+
+
+class CheckpointDir:
+    """A folder of resumable checkpoints guarded by a digest of the params that shaped the run.
+
+    When the digest on disk differs from ``digest`` the folder is stale (a param changed) and is
+    emptied, so the run starts fresh; otherwise :meth:`load` returns the latest checkpoint.
+    Saving is atomic (temp file + rename) and keeps the last two checkpoints.
+    """
+
+    def __init__(self, path: str | Path, digest: str, is_main: bool = True):
+        self.path, self.digest, self.is_main = Path(path), digest, is_main
+        stamp = self.path / "DIGEST"
+        if is_main:
+            if self.path.exists() and (not stamp.exists() or stamp.read_text().strip() != digest):
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(digest + "\n")
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    def _files(self) -> list[Path]:
+        return sorted(self.path.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+
+    def load(self) -> dict | None:
+        files = self._files()
+        return torch.load(files[-1], map_location="cpu", weights_only=False) if files else None
+
+    def save(self, step: int, state: dict) -> None:
+        if not self.is_main:
+            return
+        final = self.path / f"step_{step:08d}.pt"
+        tmp = final.with_suffix(".pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, final)
+        for old in self._files()[:-2]:
+            old.unlink()
+
+
+class CsvLog:
+    """Append-only CSV of per-step scalars; on resume, rows after the resumed step are dropped."""
+
+    def __init__(self, path: str | Path, resume_step: int = 0, is_main: bool = True):
+        self.path, self.is_main, self.fields = Path(path), is_main, None
+        if not is_main:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        rows = []
+        if resume_step > 0 and self.path.exists():
+            with open(self.path) as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) < resume_step]
+        if rows:
+            self.fields = list(rows[0].keys())
+        with open(self.path, "w", newline="") as f:
+            if rows:
+                w = csv.DictWriter(f, fieldnames=self.fields)
+                w.writeheader()
+                w.writerows(rows)
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        row = {"step": step, **{k: f"{v:.6g}" for k, v in values.items()}}
+        new = self.fields is None
+        if new:
+            self.fields = list(row)
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def state_dict_of(parts: dict[str, Any]) -> dict:
+    return {
+        name: unwrap(p).state_dict() if isinstance(p, torch.nn.Module) else p.state_dict() for name, p in parts.items()
+    }
+
+
+def load_state_into(parts: dict[str, Any], state: dict) -> None:
+    for name, p in parts.items():
+        (unwrap(p) if isinstance(p, torch.nn.Module) else p).load_state_dict(state[name])
+
+
+def train_loop(
+    step_fn: Callable[[int, Any], dict[str, float]],
+    batches: Iterator | None,
+    parts: dict[str, Any],
+    total_steps: int,
+    ckpt: CheckpointDir,
+    log_path: str | Path,
+    ckpt_every: int,
+    seed: int,
+    info: DistInfo = DistInfo(),
+    desc: str = "train",
+    log_every: int = 1,
+    start_step: int | None = None,
+    make_batches: Callable[[int], Iterator] | None = None,
+) -> int:
+    """Run ``step_fn(step, batch)`` for the remaining steps, resuming from ``ckpt``; returns the steps run.
+
+    ``parts`` maps names to everything with a state (models, optimizers, loss modules with centres);
+    their state is restored from the latest checkpoint before the first step. Pass ``make_batches``
+    (``start -> iterator``) so the data resumes at the right step; ``batches`` is for already-positioned
+    iterators. Before each step the global torch RNG is seeded from ``(seed, step)`` so dropout and
+    drop-path repeat on resume. A non-finite loss stops the run with a clear error.
+    """
+    state = ckpt.load()
+    start = 0
+    if state is not None:
+        load_state_into(parts, state["parts"])
+        start = int(state["step"])
+    if start_step is not None:
+        start = start_step
+    if make_batches is not None:
+        batches = make_batches(start)
+    log = CsvLog(log_path, resume_step=start, is_main=info.is_main)
+    bar = tqdm(
+        range(start, total_steps),
+        desc=desc,
+        initial=start,
+        total=total_steps,
+        disable=not info.is_main,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
+    for step in bar:
+        torch.manual_seed(step_seed(seed, step, salt=2) + info.rank)
+        batch = next(batches) if batches is not None else None
+        values = step_fn(step, batch)
+        loss = values.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise FloatingPointError(f"{desc}: loss became {loss} at step {step}; lower the learning rate")
+        if step % log_every == 0 or step + 1 == total_steps:
+            log.write(step, values)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in list(values.items())[:3]})
+        if (step + 1) % ckpt_every == 0 or step + 1 == total_steps:
+            ckpt.save(step + 1, {"step": step + 1, "parts": state_dict_of(parts)})
+    return total_steps - start
+
+
+def params_digest(*sections: Any) -> str:
+    """Stable short digest of params sections (dataclasses or dicts)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    def plain(x):
+        return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x
+
+    text = json.dumps([plain(s) for s in sections], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def lr_at(
+    step: int,
+    total: int,
+    base: float,
+    warmup: int = 0,
+    final: float = 0.0,
+    milestones: Sequence[int] = (),
+    gamma: float = 0.1,
+    schedule: str = "cosine",
+) -> float:
+    """Learning rate at ``step``: linear warm-up, then ``cosine`` to ``final`` or ``step`` decay at milestones."""
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "cosine":
+        t = (step - warmup) / max(1, total - warmup)
+        return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min(1.0, t)))
+    if schedule == "step":
+        return base * gamma ** sum(step >= m for m in milestones)
+    if schedule == "constant":
+        return base
+    raise ValueError(f"unknown schedule {schedule!r}")

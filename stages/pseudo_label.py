@@ -16,7 +16,7 @@ from tqdm import tqdm
 from unseg import clustering, coco, store
 from unseg.cli import log, parser, run_stage
 from unseg.data.index import DatasetIndex, read_image
-from unseg.data.transforms import geometry, token_mask_to_pixels
+from unseg.data.transforms import geometry
 from unseg.errors import UserError
 from unseg.models.vit import create_vit, load_vit_weights
 from unseg.train.harness import resolve_device
@@ -52,33 +52,18 @@ def main(args, params) -> None:
         entry = by_id[int(image_id)]
         tm = token_masks[masks.offsets[i] : masks.offsets[i + 1]].reshape(grids[i])
         geom = geometry(entry.height, entry.width, feats_attrs["short_side"], mine_patch, feats_attrs["fit"])
-        pixel_mask = token_mask_to_pixels(tm, geom, params.mining.upsample)
-        if not pixel_mask.any():
-            continue
-        image = read_image(entry)
-        if c.input == "masked":
-            if patch != mine_patch:
-                tm_geom = geometry(entry.height, entry.width, feats_attrs["short_side"], patch, feats_attrs["fit"])
-                tm = token_mask_to_pixels(tm, geom, "nearest")  # pixel mask, re-tokenised below
-                tm = _retokenise(tm, tm_geom)
-                geom = tm_geom
-            inputs.append(clustering.masked_input(image, tm, geom))
-        else:
-            inputs.append(clustering.bbox_crop_input(image, pixel_mask, patch))
-        records.append((int(image_id), pixel_mask))
-    if len(records) < c.classes * c.overcluster:
+        x, pixel_mask = clustering.mask_input(read_image(entry), tm, geom, c.input, patch, params.mining.upsample)
+        if x is not None:
+            inputs.append(x)
+            records.append((int(image_id), pixel_mask))
+    k = c.classes * c.overcluster
+    if len(records) < k:
         raise UserError(
-            f"only {len(records)} non-empty masks for k = {c.classes * c.overcluster} clusters; "
+            f"only {len(records)} non-empty masks for k = {k} clusters; "
             "lower cluster.classes/overcluster or use more images"
         )
     feats = clustering.cls_features(model, inputs, device, c.batch_size)
-    x, std = (
-        clustering.whiten_l2(feats)
-        if c.whiten
-        else (feats / np.linalg.norm(feats, axis=1, keepdims=True), np.ones(feats.shape[1]))
-    )
-    k = c.classes * c.overcluster
-    km = clustering.kmeans(x, k, c.seed, c.algorithm, c.kmeans_batch_size)
+    km, std = clustering.cluster_features(feats, k, c.seed, c.whiten, c.algorithm, c.kmeans_batch_size)
     labels = km.labels
     if c.align_to_gt:
         labels = _align_to_gt(index, records, labels, k)
@@ -99,16 +84,6 @@ def main(args, params) -> None:
     )
     counts = np.bincount(labels, minlength=k)
     log("pseudo_label", f"{len(records)} masks in {k} clusters (sizes {counts.tolist()}) -> {args.out}")
-
-
-def _retokenise(pixel_mask: np.ndarray, geom) -> np.ndarray:
-    """A pixel mask at the original size -> the token grid of another patch size (majority per patch)."""
-    from unseg.data.transforms import fit_canvas, resize_image
-
-    m = torch.from_numpy(pixel_mask.astype(np.float32))[None]
-    m = fit_canvas(resize_image(m, geom.resized), geom.canvas)
-    p = geom.patch
-    return (torch.nn.functional.avg_pool2d(m[None], p)[0, 0] > 0.5).numpy()
 
 
 def _align_to_gt(index, records, labels, k) -> np.ndarray:

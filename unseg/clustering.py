@@ -19,7 +19,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from unseg.data.transforms import Geometry, fit_canvas, normalize, vit_input
+from unseg.data.transforms import (
+    Geometry,
+    fit_canvas,
+    geometry,
+    normalize,
+    resize_image,
+    token_mask_to_pixels,
+    vit_input,
+)
 
 
 def masked_input(image: np.ndarray, token_mask: np.ndarray, geom: Geometry) -> torch.Tensor:
@@ -36,6 +44,50 @@ def bbox_crop_input(image: np.ndarray, pixel_mask: np.ndarray, patch: int) -> to
     x = normalize(crop)
     h, w = x.shape[-2:]
     return fit_canvas(x, (-(-h // patch) * patch, -(-w // patch) * patch))
+
+
+def retokenise(pixel_mask: np.ndarray, geom: Geometry) -> np.ndarray:
+    """A pixel mask at the original size -> the token grid of ``geom`` (a patch is in if most of it is)."""
+    m = torch.from_numpy(pixel_mask.astype(np.float32))[None]
+    m = fit_canvas(resize_image(m, geom.resized), geom.canvas)
+    return (torch.nn.functional.avg_pool2d(m[None], geom.patch)[0, 0] > 0.5).numpy()
+
+
+def mask_input(
+    image: np.ndarray, token_mask: np.ndarray, geom: Geometry, mode: str, patch: int, upsample: str = "nearest"
+) -> tuple[torch.Tensor | None, np.ndarray]:
+    """The clustering ViT's input for one mined mask, and the mask at the original resolution.
+
+    ``token_mask`` lives on the mining grid ``geom``; ``patch`` is the clustering ViT's patch size
+    (the paper clusters with ViT-S/8 masks mined with ViT-S/16: the mask is then re-tokenised).
+    Returns (None, empty mask) when the mask is empty.
+    """
+    pixel_mask = token_mask_to_pixels(token_mask, geom, upsample)
+    if not pixel_mask.any():
+        return None, pixel_mask
+    if mode == "bbox_crop":
+        return bbox_crop_input(image, pixel_mask, patch), pixel_mask
+    if mode != "masked":
+        raise ValueError(f"unknown cluster input {mode!r}")
+    if patch != geom.patch:
+        short = geom.resized[0] if geom.original[0] <= geom.original[1] else geom.resized[1]
+        other = geometry(*geom.original, short, patch, "pad" if geom.canvas[0] >= geom.resized[0] else "crop")
+        return masked_input(
+            image, retokenise(token_mask_to_pixels(token_mask, geom, "nearest"), other), other
+        ), pixel_mask
+    return masked_input(image, token_mask, geom), pixel_mask
+
+
+def cluster_features(
+    features: np.ndarray, k: int, seed: int, whiten: bool = True, algorithm: str = "minibatch", batch_size: int = 1000
+) -> tuple[KMeansResult, np.ndarray]:
+    """Whiten (optional) + L2-normalise + K-means. Returns the result and the whitening std."""
+    if whiten:
+        x, std = whiten_l2(features)
+    else:
+        std = np.ones(features.shape[1], np.float64)
+        x = (features / np.linalg.norm(features, axis=1, keepdims=True).clip(min=1e-12)).astype(np.float32)
+    return kmeans(x, k, seed, algorithm, batch_size), std
 
 
 def whiten_l2(features: np.ndarray, std: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

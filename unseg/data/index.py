@@ -119,7 +119,7 @@ def read_image(entry: ImageEntry) -> np.ndarray:
     """(H, W, 3) uint8 RGB."""
     try:
         with Image.open(entry.file) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))
     except (OSError, ValueError) as err:
         raise UserError(f"{entry.file}: cannot read image ({err})") from err
 

@@ -1,0 +1,63 @@
+"""Turning label maps into the flat metrics rows that ``evaluate`` writes, and the markdown table."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from unseg import coco
+from unseg.evaluation.metrics import ConfusionAccumulator, evaluate_clusters
+
+
+def score_label_maps(pairs: Iterable[tuple[np.ndarray, np.ndarray]], n_pred: int, n_gt: int, ignore_index: int) -> dict:
+    """Hungarian (one-to-one) and majority (many-to-one) mIoU / pixel accuracy over a whole split.
+
+    ``pairs`` yields (prediction, ground truth) maps of one image at the original resolution.
+    """
+    acc = ConfusionAccumulator(n_pred, n_gt, ignore_index)
+    images = 0
+    for pred, gt in pairs:
+        acc.update(pred, gt)
+        images += 1
+    res = evaluate_clusters(acc.matrix)
+    h, m = res["hungarian"], res["majority"]
+    return {
+        "miou": h["miou"],
+        "pixel_accuracy": h["pixel_accuracy"],
+        "miou_majority": m["miou"],
+        "pixel_accuracy_majority": m["pixel_accuracy"],
+        "per_class_iou": h["per_class_iou"],
+        "images": images,
+    }
+
+
+def rasterise_annotations(anns: list[dict], height: int, width: int) -> np.ndarray:
+    """(H, W) label map from COCO annotations: 0 = background, ``category_id`` inside each mask.
+
+    Annotations are painted in decreasing score order so that, where they overlap, the most
+    confident one is on top (pseudo-labels all have the same score: file order then decides).
+    """
+    lab = np.zeros((height, width), np.int64)
+    for ann in sorted(anns, key=lambda a: a.get("score", 1.0)):
+        lab[coco.decode_rle(ann["segmentation"])] = ann["category_id"]
+    return lab
+
+
+def group_by_image(anns: list[dict]) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {}
+    for a in anns:
+        out.setdefault(int(a["image_id"]), []).append(a)
+    return out
+
+
+def markdown_table(rows: dict[str, dict], columns: list[tuple[str, str]]) -> str:
+    """A markdown table: one row per entry of ``rows``, ``columns`` = [(key, header)], values in %."""
+
+    def cell(v):
+        return "–" if v is None else f"{100 * v:.1f}"
+
+    head = "| setup | " + " | ".join(h for _, h in columns) + " |"
+    sep = "|---|" + "---:|" * len(columns)
+    body = [f"| {name} | " + " | ".join(cell(r.get(k)) for k, _ in columns) + " |" for name, r in rows.items()]
+    return "\n".join([head, sep, *body]) + "\n"

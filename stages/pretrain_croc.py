@@ -1,34 +1,100 @@
-"""pretrain_croc: the ViT that mask mining uses.
+"""pretrain_croc: the ViT that mask mining uses, trained with CrOC (Stegmüller et al., CVPR 2023).
 
-Reads: params ``backbone``, ``croc``; the image index. Writes: ``<out>`` (a checkpoint in the
-official DINO training-checkpoint layout: ``teacher``/``student`` dicts of ``backbone.*`` weights).
-When ``backbone.weights`` names a local checkpoint it is validated against ``backbone`` and
-converted; otherwise (until CrOC training lands) a randomly initialised ViT is written.
+Reads: params ``backbone``, ``croc``; the image index (training split). Writes ``<out>``: a
+checkpoint in the DINO training-checkpoint layout (``teacher``/``student`` dicts of ``backbone.*``
+weights), which ``extract_features`` loads like an official DINO file. Scratch: ``<ckpt>`` (resumable
+checkpoints guarded by a params digest) and the loss log, copied to ``<log>`` at the end.
+
+- ``backbone.weights`` set: that checkpoint is validated against ``backbone`` and converted; no training.
+- otherwise: start from ``croc.init`` (a local checkpoint, e.g. the committed tiny one) or from scratch,
+  and train ``croc.steps`` steps. Runs under ``torchrun`` for DDP.
 """
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
 
 from unseg.cli import log, parser, run_stage
+from unseg.data.index import DatasetIndex
+from unseg.errors import UserError
 from unseg.models.vit import create_vit, load_vit_weights, save_dino_checkpoint
+from unseg.pretrain.croc import CrOCConfig
+from unseg.pretrain.trainer import CrOCTraining, build_models, train_croc
+from unseg.train import harness as H
+
+OBJECTIVE_KEYS = (
+    "sinkhorn_lambda",
+    "sinkhorn_iters",
+    "pos_alpha",
+    "marginals_temp_r",
+    "marginals_temp_c",
+    "uniform_marginals",
+    "n_tokens",
+    "n_centroids_max",
+    "teacher_temp",
+    "teacher_temp_c",
+    "student_temp",
+    "student_temp_c",
+    "center_momentum",
+    "alpha_s",
+)
+
+
+def split_croc_params(c) -> tuple[CrOCTraining, CrOCConfig]:
+    training = CrOCTraining(**{k: getattr(c, k) for k in CrOCTraining.__dataclass_fields__})
+    objective = CrOCConfig(**{k: getattr(c, k) for k in OBJECTIVE_KEYS})
+    return training, objective
 
 
 def main(args, params) -> None:
-    b = params.backbone
-    torch.manual_seed(params.croc.seed)
-    model = create_vit(b.arch, b.patch_size, b.depth)
+    b, c = params.backbone, params.croc
+    meta = {"arch": b.arch, "patch_size": b.patch_size, "depth": b.depth}
     if b.weights:
+        model = create_vit(b.arch, b.patch_size, b.depth)
         load_vit_weights(model, b.weights, b.checkpoint_key)
-        source = f"converted from {b.weights}"
+        save_dino_checkpoint(model, args.out, meta={**meta, "source": f"converted from {b.weights}"})
+        log("pretrain_croc", f"backbone.weights given: validated and converted {b.weights} -> {args.out}")
+        return
+    device = H.resolve_device(c.device)
+    info = H.setup_distributed(device)
+    training, objective = split_croc_params(c)
+    torch.manual_seed(c.seed)
+    models = build_models(b.arch, b.patch_size, b.depth, training)
+    if c.init:
+        load_vit_weights(models.student, c.init, b.checkpoint_key)
+        load_vit_weights(models.teacher, c.init, b.checkpoint_key)
+        source = f"initialised from {c.init}"
     else:
-        source = "random initialisation (placeholder: CrOC training not implemented yet)"
-        log("pretrain_croc", "WARNING: writing a randomly initialised ViT; mined masks will be noise")
-    save_dino_checkpoint(
-        model, args.out, meta={"arch": b.arch, "patch_size": b.patch_size, "depth": b.depth, "source": source}
-    )
-    log("pretrain_croc", f"{args.out}: {source}")
+        source = "trained from scratch"
+    index = DatasetIndex.load(args.index)
+    entries = index.split(params.data.train_split)
+    if not entries:
+        raise UserError(f"no images in split {params.data.train_split!r} to pretrain on")
+    if c.steps == 0 and not c.init:
+        log("pretrain_croc", "WARNING: croc.steps = 0 and no croc.init: writing a randomly initialised ViT")
+    digest = H.params_digest(b, c, [(e.id, e.file) for e in entries])
+    ckpt = H.CheckpointDir(args.ckpt, digest, info.is_main)
+    ran = train_croc(models, entries, training, objective, ckpt, args.ckpt / "loss.csv", device, info)
+    if info.is_main:
+        save_dino_checkpoint(
+            models.teacher,
+            args.out,
+            student=models.student,
+            meta={**meta, "source": f"{source}, then {c.steps} CrOC steps", "digest": digest},
+        )
+        args.log.parent.mkdir(parents=True, exist_ok=True)
+        if (args.ckpt / "loss.csv").exists():
+            shutil.copy(args.ckpt / "loss.csv", args.log)
+        else:
+            args.log.write_text("step,loss\n")
+        log("pretrain_croc", f"{source}; {ran} of {c.steps} steps run now -> {args.out}")
 
 
 if __name__ == "__main__":
-    run_stage("pretrain_croc", main, parser(__doc__, "index", "out"))
+    ap = parser(__doc__, "index", "out")
+    ap.add_argument("--ckpt", type=Path, default="artifacts/scratch/croc")
+    ap.add_argument("--log", type=Path, default="artifacts/plots/croc_loss.csv")
+    run_stage("pretrain_croc", main, ap)

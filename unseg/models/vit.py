@@ -199,7 +199,9 @@ def save_dino_checkpoint(model: nn.Module, path: str | Path, meta: dict, student
     def prefixed(m: nn.Module) -> dict:
         return OrderedDict((f"backbone.{k}", v.detach().cpu()) for k, v in m.state_dict().items())
 
-    obj = {"teacher": prefixed(model), "student": prefixed(student or model), "meta": meta}
+    obj = {"teacher": prefixed(model), "meta": meta}
+    if student is not None:
+        obj["student"] = prefixed(student)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     import os

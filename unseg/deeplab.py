@@ -1,0 +1,263 @@
+"""DeepLab-v3 on a dilated ResNet, trained with hard pixel mining (MaskDistill Sec. 3.3, Eq. 4).
+
+The model is the released one (reference.md §1.1 "DeepLab-v3 training", built from torchvision
+parts): a ResNet dilated to output stride 8, torchvision's ``DeepLabHead`` (ASPP with rates
+(12, 24, 36) and image pooling, 256 channels, dropout 0.5, then 3x3 conv-BN-ReLU and a 1x1
+classifier), logits upsampled bilinearly to the input size. The first blocks are frozen:
+no gradient and BatchNorm statistics kept (:func:`set_train_mode`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+
+from unseg.errors import UserError
+from unseg.models.resnet import create_resnet, load_resnet_weights, resnet_stage_channels
+from unseg.train.harness import autocast, unwrap
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_DILATION_FOR_STRIDE = {8: (False, True, True), 16: (False, False, True), 32: (False, False, False)}
+_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+class DeepLabV3(nn.Module):
+    """DeepLab-v3: ``head(backbone(normalise(x)))`` upsampled to the input size.
+
+    Input: (B, 3, H, W) float in [0, 1] (ImageNet normalisation happens inside). Output: (B, C, H, W)
+    logits. ``head[4]`` is the final 1x1 classifier, the layer that MaskDistill's "linear" protocol
+    re-trains (reference.md §1.1 "Evaluation"). ``frozen`` names the backbone modules kept frozen.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, frozen: Sequence[str] = ()):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.frozen = tuple(frozen)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        features = self.backbone((x - self.mean) / self.std)["out"]
+        logits = self.head(features)
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def frozen_stage_names(freeze_blocks: int) -> tuple[str, ...]:
+    """Backbone modules frozen by ``freeze_blocks`` = k: the stem (conv1, bn1) and layer1..layer k.
+
+    k = 2 is the paper's "freeze the first two ResNet blocks" and the released ``freeze_layers: 2``
+    (conv1, bn1, layer1, layer2); k = 0 freezes nothing.
+    """
+    if not 0 <= freeze_blocks <= 4:
+        raise UserError(f"freeze_blocks must be in 0..4, got {freeze_blocks}")
+    if freeze_blocks == 0:
+        return ()
+    return ("conv1", "bn1", *_STAGES[:freeze_blocks])
+
+
+def build_deeplab(
+    num_classes: int,
+    backbone: str = "resnet50",
+    output_stride: int = 8,
+    aspp_rates: Sequence[int] = (12, 24, 36),
+    freeze_blocks: int = 2,
+    backbone_weights: str | None = None,
+    dropout: float = 0.5,
+) -> DeepLabV3:
+    """DeepLab-v3 with ``num_classes`` outputs (background included) on a dilated ResNet.
+
+    ``output_stride`` 8 dilates layer3 (2) and layer4 (4); 16 dilates layer4 only. ``backbone_weights``
+    is a local checkpoint read by :func:`unseg.models.resnet.load_resnet_weights` (MoCo, HSG or
+    torchvision format). ``dropout`` is the ASPP projection's dropout (torchvision and released: 0.5).
+    """
+    if output_stride not in _DILATION_FOR_STRIDE:
+        raise UserError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+    if num_classes < 2:
+        raise UserError(f"num_classes must be at least 2 (background + one class), got {num_classes}")
+    resnet = create_resnet(backbone, _DILATION_FOR_STRIDE[output_stride])
+    if backbone_weights:
+        load_resnet_weights(resnet, backbone_weights)
+    channels = resnet_stage_channels(resnet)["layer4"]
+    body = IntermediateLayerGetter(resnet, return_layers={"layer4": "out"})
+    head = DeepLabHead(channels, num_classes, atrous_rates=tuple(aspp_rates))
+    head[0].project[3].p = dropout
+    frozen = frozen_stage_names(freeze_blocks)
+    for name in frozen:
+        getattr(body, name).requires_grad_(False)
+    return DeepLabV3(body, head, frozen)
+
+
+def set_train_mode(model: nn.Module) -> nn.Module:
+    """``model.train()``, then the frozen stages back to eval so their BatchNorm statistics stay fixed.
+
+    The released ``freeze_layers`` does the same at the start of every epoch (reference.md §1.1).
+    Works on a DDP-wrapped model.
+    """
+    model.train()
+    inner = unwrap(model)
+    for name in inner.frozen:
+        getattr(inner.backbone, name).eval()
+    return model
+
+
+# ---------------------------------------------------------------- loss
+
+
+def ohem_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    top_fraction: float = 0.2,
+    ignore_index: int = 255,
+    count: str = "all",
+) -> torch.Tensor:
+    """Cross-entropy averaged over the hardest pixels of the batch (MaskDistill Eq. 4, hard pixel mining).
+
+    l_i = -log softmax(logits_i)[y_i] for every pixel i with y_i != ignore_index; the loss is the mean
+    of the k largest l_i over the whole batch (B, H, W), with
+    - ``count='all'`` (released ``losses.py``, reference.md §1.4 item 9):
+      k = min(int(top_fraction * B*H*W), number of valid pixels), ignored pixels counted;
+    - ``count='valid'``: k = int(top_fraction * number of valid pixels).
+    ``top_fraction = 1`` gives plain cross-entropy over valid pixels. Eq. 4's extra 1/|C| is a
+    constant factor and is left out, as in the released code. logits (B, C, H, W) float, target
+    (B, H, W) long. No valid pixel: a zero that still carries the graph.
+    """
+    if not 0.0 < top_fraction <= 1.0:
+        raise UserError(f"top_fraction must be in (0, 1], got {top_fraction}")
+    if count not in ("all", "valid"):
+        raise UserError(f"ohem count must be 'all' or 'valid', got {count!r}")
+    losses = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
+    valid_losses = losses[target != ignore_index]
+    base = losses.numel() if count == "all" else valid_losses.numel()
+    k = min(int(top_fraction * base), valid_losses.numel())
+    if k == 0:
+        return logits.sum() * 0.0
+    return torch.topk(valid_losses, k, sorted=False).values.mean()
+
+
+# ---------------------------------------------------------------- data
+
+
+def _to_hwc_numpy(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(3, H, W) uint8 or float tensor/array -> (H, W, 3) float32 in [0, 1]."""
+    arr = image.detach().cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
+    if arr.ndim != 3 or arr.shape[0] != 3:
+        raise UserError(f"expected an image of shape (3, H, W), got {arr.shape}")
+    arr = np.ascontiguousarray(arr.transpose(1, 2, 0))
+    return arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)
+
+
+def _uniform(gen: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), generator=gen, dtype=torch.float64))
+
+
+def train_augment(
+    image: torch.Tensor | np.ndarray,
+    label: torch.Tensor | np.ndarray,
+    gen: torch.Generator,
+    crop_size: int | tuple[int, int],
+    scale_range: tuple[float, float] = (0.75, 1.25),
+    max_rotation: float = 5.0,
+    flip_p: float = 0.5,
+    label_fill: int = 255,
+    image_interp: str = "cubic",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The released training augmentation: flip, ScaleNRotate, FixedResize (reference.md §1.2 "train aug").
+
+    1. horizontal flip with probability ``flip_p``;
+    2. one affine warp about the image centre (``cv2.getRotationMatrix2D``): rotation uniform in
+       [-max_rotation, max_rotation] degrees, zoom uniform in ``scale_range``; output keeps the input
+       size; image interpolation ``image_interp`` with 0 outside, label nearest with ``label_fill``
+       outside (the released code fills 0 = background there: use ``label_fill=0`` to match it);
+    3. resize to ``crop_size`` (H, W) ignoring the aspect ratio (released ``FixedResize`` 512x512).
+    Randomness comes only from ``gen`` (three draws: flip, rotation, scale). image (3, H, W) uint8 or
+    float in [0, 1]; label (H, W) integer. Returns (3, h, w) float32 in [0, 1] and (h, w) int64.
+    """
+    interp = {"cubic": cv2.INTER_CUBIC, "linear": cv2.INTER_LINEAR}.get(image_interp)
+    if interp is None:
+        raise UserError(f"image_interp must be 'cubic' or 'linear', got {image_interp!r}")
+    img = _to_hwc_numpy(image)
+    lab = (label.detach().cpu().numpy() if torch.is_tensor(label) else np.asarray(label)).astype(np.uint8)
+    if lab.shape != img.shape[:2]:
+        raise UserError(f"label shape {lab.shape} differs from image shape {img.shape[:2]}")
+    flip = float(torch.rand((), generator=gen)) < flip_p
+    angle = _uniform(gen, -max_rotation, max_rotation)
+    scale = _uniform(gen, *scale_range)
+    if flip:
+        img, lab = img[:, ::-1], lab[:, ::-1]
+    h, w = lab.shape
+    matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
+    img = cv2.warpAffine(np.ascontiguousarray(img), matrix, (w, h), flags=interp, borderValue=(0.0, 0.0, 0.0))
+    lab = cv2.warpAffine(
+        np.ascontiguousarray(lab), matrix, (w, h), flags=cv2.INTER_NEAREST, borderValue=int(label_fill)
+    )
+    out_h, out_w = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
+    img = cv2.resize(img, (out_w, out_h), interpolation=interp)
+    lab = cv2.resize(lab, (out_w, out_h), interpolation=cv2.INTER_NEAREST)
+    image_t = torch.from_numpy(np.clip(img, 0.0, 1.0).transpose(2, 0, 1).copy())
+    return image_t, torch.from_numpy(lab.astype(np.int64))
+
+
+# ---------------------------------------------------------------- train and predict
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int = 255) -> None:
+    """Stop with one line when a pseudo-label id is outside 0..num_classes-1 (and not ``ignore_index``)."""
+    bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= num_classes))]
+    if bad.numel():
+        raise UserError(f"labels contain class id {int(bad[0])} but the model has {num_classes} classes")
+
+
+def deeplab_train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    top_fraction: float = 0.2,
+    ignore_index: int = 255,
+    count: str = "all",
+    amp: bool = False,
+) -> dict[str, float]:
+    """One SGD step on ``ohem_cross_entropy``; images (B, 3, H, W) float [0, 1], labels (B, H, W) long."""
+    set_train_mode(model)
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    with autocast(device, amp):
+        logits = model(images)
+    loss = ohem_cross_entropy(logits, labels, top_fraction, ignore_index, count)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"loss": float(loss.detach())}
+
+
+@torch.no_grad()
+def predict_semantic(
+    model: nn.Module,
+    image: torch.Tensor,
+    device: torch.device,
+    return_logits: bool = False,
+    amp: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Argmax class map (H, W) int64 of one image (3, H, W) (uint8 or float [0, 1]) at its own resolution.
+
+    The released evaluation runs on the original resolution (paper App. A.3). With ``return_logits``
+    also returns the (C, H, W) float32 logits (e.g. for a CRF). Results are on the CPU.
+    """
+    model.eval()
+    x = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+    with autocast(device, amp):
+        logits = model(x[None].to(device))[0].float()
+    pred = logits.argmax(0).cpu()
+    return (pred, logits.cpu()) if return_logits else pred

@@ -152,3 +152,52 @@ def render_sample(index: int, seed: int, n_categories: int, max_instances: int, 
     rng = np.random.default_rng([seed, index])
     h, w = image_size(rng, min_side, max_side)
     return render_image(h, w, n_categories, max_instances, rng)
+
+
+def render_video(
+    index: int, seed: int, n_frames: int, h: int, w: int, n_categories: int, n_objects: int = 2
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """A short video of textured shapes drifting over a still cluttered background (DAVIS-style GT).
+
+    Returns frames (uint8 (H, W, 3)) and annotations (uint8 (H, W): 0 background, i = object i),
+    a pure function of (index, seed). Objects keep their shape, texture and colours; they move by
+    1-3 px and turn slightly per frame; later objects occlude earlier ones.
+    """
+    rng = np.random.default_rng([seed, 10_000 + index])
+    background = cluttered_background(h, w, rng)
+    objects = []
+    side = min(h, w)
+    for _ in range(n_objects):
+        r = rng.uniform(0.15, 0.22) * side
+        cat = int(rng.integers(0, n_categories))
+        objects.append(
+            dict(
+                cat=cat,
+                r=r,
+                theta=rng.uniform(0, 2 * np.pi),
+                spin=rng.uniform(-0.04, 0.04),
+                pos=np.array([rng.uniform(r, w - r), rng.uniform(r, h - r)]),
+                vel=rng.uniform(1.0, 3.0) * np.array([np.cos(a := rng.uniform(0, 2 * np.pi)), np.sin(a)]),
+                colours=_contrasting_pair(rng),
+                tex_seed=int(rng.integers(1 << 31)),
+            )
+        )
+    frames, annotations = [], []
+    for _ in range(n_frames):
+        img = background.copy()
+        ann = np.zeros((h, w), np.uint8)
+        for i, o in enumerate(objects):
+            cx, cy = o["pos"]
+            mask = shape_mask(CATEGORIES[o["cat"]], h, w, cx, cy, o["r"], o["theta"])
+            pattern = texture(TEXTURES[o["cat"]], h, w, cx, cy, np.random.default_rng(o["tex_seed"]))
+            img[mask] = np.where(pattern[mask][:, None], *o["colours"])
+            ann[mask] = i + 1
+            o["pos"] = o["pos"] + o["vel"]
+            for d, limit in ((0, w), (1, h)):  # bounce off the borders
+                if not o["r"] * 0.6 <= o["pos"][d] <= limit - o["r"] * 0.6:
+                    o["vel"][d] *= -1
+            o["theta"] += o["spin"]
+        img += rng.normal(scale=0.02, size=img.shape).astype(np.float32)
+        frames.append((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
+        annotations.append(ann)
+    return frames, annotations

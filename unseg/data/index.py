@@ -325,3 +325,26 @@ def index_camvid(root: str | Path, splits: list[str], limit: int | None = None) 
         "Bicyclist",
     ]
     return DatasetIndex(name="camvid", images=entries, classes=classes, label_map={11: IGNORE})
+
+
+def prepare_generated_video(
+    out_dir: str | Path, n_sequences: int, n_frames: int, height: int, width: int, n_categories: int, seed: int
+) -> Path:
+    """Write generated videos in the DAVIS 2017 layout (``JPEGImages/480p/<seq>/``, ``Annotations/480p/<seq>/``).
+
+    Frames are PNG (lossless) and annotations palette-free index PNGs; ``ImageSets/2017/val.txt`` lists them.
+    """
+    root = Path(out_dir)
+    names = []
+    for s in range(n_sequences):
+        name = f"shapes{s:02d}"
+        names.append(name)
+        frames, anns = generated.render_video(s, seed, n_frames, height, width, n_categories)
+        for sub, items in (("JPEGImages", frames), ("Annotations", anns)):
+            d = root / sub / "480p" / name
+            d.mkdir(parents=True, exist_ok=True)
+            for t, item in enumerate(items):
+                Image.fromarray(item).save(d / f"{t:05d}.png", compress_level=1)
+    (root / "ImageSets" / "2017").mkdir(parents=True, exist_ok=True)
+    (root / "ImageSets" / "2017" / "val.txt").write_text("\n".join(names) + "\n")
+    return root

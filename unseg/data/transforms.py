@@ -83,27 +83,40 @@ def vit_input(image: np.ndarray, geom: Geometry) -> torch.Tensor:
     return fit_canvas(resize_image(normalize(image), geom.resized), geom.canvas)
 
 
+def _resized_canvas(values: np.ndarray, geom: Geometry) -> np.ndarray:
+    """(gh, gw) -> (h, w) at the resized size: nearest x patch, padding cropped (a cropped remainder is 0)."""
+    p = geom.patch
+    up = np.repeat(np.repeat(values, p, axis=0), p, axis=1)
+    rh, rw = geom.resized
+    canvas = np.zeros((rh, rw), values.dtype)
+    h, w = min(rh, up.shape[0]), min(rw, up.shape[1])
+    canvas[:h, :w] = up[:h, :w]
+    return canvas
+
+
+def token_map_to_pixels(values: np.ndarray, geom: Geometry) -> np.ndarray:
+    """(gh, gw) per-token values -> (H, W) at the original resolution, by nearest neighbour."""
+    canvas = _resized_canvas(values, geom)
+    rh, rw = geom.resized
+    H, W = geom.original
+    rows = np.minimum((np.arange(H) + 0.5) * rh / H, rh - 1).astype(np.int64)
+    cols = np.minimum((np.arange(W) + 0.5) * rw / W, rw - 1).astype(np.int64)
+    return canvas[rows][:, cols]
+
+
 def token_mask_to_pixels(token_mask: np.ndarray, geom: Geometry, mode: str = "nearest") -> np.ndarray:
     """(gh, gw) bool token mask -> (H, W) bool mask at the original resolution.
 
-    Nearest x patch on the canvas, back to the resized size (crop the padding, or pad a cropped
-    remainder with False), then to the original size: ``nearest`` (the paper) or ``pil_bicubic``
-    (the released code: PIL's default bicubic resize of a 0/255 image, any non-zero pixel kept,
-    which dilates the mask by a pixel or two).
+    ``nearest`` (the paper) as :func:`token_map_to_pixels`; ``pil_bicubic`` (the released code) resizes
+    the resized-size 0/255 mask to the original with PIL's default bicubic filter and keeps any non-zero
+    pixel, which dilates the mask by a pixel or two.
     """
-    p = geom.patch
-    up = np.repeat(np.repeat(token_mask.astype(np.uint8), p, axis=0), p, axis=1)
-    rh, rw = geom.resized
-    canvas = np.zeros((rh, rw), np.uint8)
-    h, w = min(rh, up.shape[0]), min(rw, up.shape[1])
-    canvas[:h, :w] = up[:h, :w]
-    H, W = geom.original
     if mode == "nearest":
-        rows = np.minimum((np.arange(H) + 0.5) * rh / H, rh - 1).astype(np.int64)
-        cols = np.minimum((np.arange(W) + 0.5) * rw / W, rw - 1).astype(np.int64)
-        return canvas[rows][:, cols].astype(bool)
-    if mode == "pil_bicubic":
-        from PIL import Image
+        return token_map_to_pixels(token_mask.astype(np.uint8), geom).astype(bool)
+    if mode != "pil_bicubic":
+        raise ValueError(f"unknown upsampling mode {mode!r}")
+    from PIL import Image
 
-        return np.asarray(Image.fromarray(canvas * 255).resize((W, H), Image.BICUBIC)) > 0
-    raise ValueError(f"unknown upsampling mode {mode!r}")
+    canvas = _resized_canvas(token_mask.astype(np.uint8), geom)
+    H, W = geom.original
+    return np.asarray(Image.fromarray(canvas * 255).resize((W, H), Image.BICUBIC)) > 0

@@ -125,7 +125,7 @@ def train_croc(
     ckpt: H.CheckpointDir,
     log_path,
     device: torch.device,
-    info: H.DistInfo = H.DistInfo(),
+    info: H.DistInfo = H.SINGLE_PROCESS,
 ) -> int:
     """Train in place for ``t.steps`` steps (resuming from ``ckpt``); returns the number of steps run."""
     if t.steps == 0:

@@ -80,6 +80,9 @@ class DistInfo:
         return self.world_size > 1
 
 
+SINGLE_PROCESS = DistInfo()
+
+
 def setup_distributed(device: torch.device) -> DistInfo:
     """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1); otherwise a single process."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -141,7 +144,7 @@ class StepBatches(Dataset):
         batch_size: int,
         seed: int,
         make_batch: Callable[[list[int], int], Any],
-        info: DistInfo = DistInfo(),
+        info: DistInfo = SINGLE_PROCESS,
     ):
         if batch_size % info.world_size:
             raise UserError(f"batch_size {batch_size} is not divisible by the {info.world_size} processes")
@@ -266,7 +269,7 @@ def train_loop(
     log_path: str | Path,
     ckpt_every: int,
     seed: int,
-    info: DistInfo = DistInfo(),
+    info: DistInfo = SINGLE_PROCESS,
     desc: str = "train",
     log_every: int = 1,
     start_step: int | None = None,

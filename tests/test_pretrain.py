@@ -1,0 +1,61 @@
+"""CrOC training on the harness: exact resume after an interruption, and DDP agreement."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import unseg.pretrain.trainer as trainer
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _croc_worker as worker  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    worker.run(tmp_path / "a", tmp_path / "straight.pt", alpha_s=1.0, steps=5, ckpt_every=2)
+
+    calls = {"n": 0}
+    real = trainer.croc_forward_loss
+
+    def crash_on_fourth(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "croc_forward_loss", crash_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        worker.run(tmp_path / "b", tmp_path / "resumed.pt", alpha_s=1.0, steps=5, ckpt_every=2)
+    assert sorted(p.name for p in (tmp_path / "b" / "ckpt_1").glob("step_*.pt")) == ["step_00000002.pt"]
+    monkeypatch.setattr(trainer, "croc_forward_loss", real)
+    worker.run(tmp_path / "b", tmp_path / "resumed.pt", alpha_s=1.0, steps=5, ckpt_every=2)
+
+    straight, resumed = torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / "resumed.pt")
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    # and training did change the weights
+    torch.manual_seed(0)
+    init = trainer.build_models("vit_tiny_patch16_224", 8, 2, trainer.CrOCTraining(steps=1, crop_size=32))
+    assert not torch.equal(init.teacher.blocks[0].attn.qkv.weight, straight["blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_agrees_with_one_process(tmp_path):
+    worker.run(tmp_path, tmp_path / "single.pt")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).parent / "_croc_worker.py"), str(tmp_path), str(tmp_path / "ddp.pt")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
+    worst = max(float((single[k] - ddp[k]).abs().max()) for k in single)
+    assert worst < 1e-4, f"DDP and single-process teachers differ by {worst}"
+    torch.manual_seed(0)
+    init = trainer.build_models("vit_tiny_patch16_224", 8, 2, trainer.CrOCTraining(steps=1, crop_size=32))
+    moved = max(float((single[k] - v).abs().max()) for k, v in init.teacher.state_dict().items())
+    assert moved > 100 * worst, "training must move the weights far more than DDP and one process differ"

@@ -1,10 +1,14 @@
-"""evaluate: score every stage's output against ground truth, with baselines, on the validation split.
+"""evaluate: MaskDistill's Table 1 for this run, instance AP and the linear protocols (validation split).
 
-Reads: params ``evaluate`` (and, for the random-ViT baseline, ``features``/``mining``/``cluster``);
-the index, the backbone, ``features.zarr``, ``masks.zarr``, the pseudo-labels. Writes
-``<out>/pseudo_labels.json``, ``<out>/baselines.json`` (DVC metrics) and ``<out>/table.md``.
-Scores use dataset-level TP/FP/FN at the original resolution; clusters are matched to classes by
-the Hungarian algorithm (one-to-one) and, reported separately, by majority vote (many-to-one).
+Reads: params ``evaluate``; the index, the pseudo-labels, the Mask R-CNN predictions, the filtered
+pseudo-ground-truth, the DeepLab model and predictions, and ``backbone.json`` (the random-ViT baseline
+from ``evaluate_backbone``). Writes ``<out>/table1.json``, ``instances.json``, ``linear.json``,
+``baselines.json`` (DVC metrics) and ``table.md``.
+
+Semantic scores: TP/FP/FN summed over the split at the original resolution; predicted clusters are
+matched to classes by the Hungarian algorithm (one-to-one) and, reported separately, by majority vote.
+Instance scores: class-agnostic mask AP/AP50 (pycocotools COCOeval), all detections ("multi") and the
+most confident one per image ("single"), as in the paper's Table 3.
 """
 
 from __future__ import annotations
@@ -13,117 +17,155 @@ import json
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from unseg import coco, store
 from unseg.cli import log, parser, run_stage
+from unseg.crf import dense_crf
 from unseg.data.index import DatasetIndex, read_image
-from unseg.data.transforms import geometry, token_mask_to_pixels
+from unseg.deeplab import build_deeplab, deeplab_features, predict_semantic
 from unseg.errors import UserError
 from unseg.evaluation.dense import raw_pixel_kmeans_labels
-from unseg.evaluation.metrics import ForegroundIoU
+from unseg.evaluation.instances import class_agnostic_mask_ap
+from unseg.evaluation.probe import predict_probe, train_linear_probe
 from unseg.evaluation.report import group_by_image, markdown_table, rasterise_annotations, score_label_maps
-from unseg.mining import MiningConfig
-from unseg.models.vit import create_vit
-from unseg.pipeline import cluster_mined, mine_images
 from unseg.train.harness import resolve_device
 
-COLUMNS = [
-    ("miou", "mIoU (Hungarian)"),
-    ("pixel_accuracy", "pixel acc."),
-    ("miou_majority", "mIoU (majority)"),
-    ("fg_iou", "mask fg IoU"),
-]
+COLUMNS = [("miou", "mIoU (Hungarian)"), ("pixel_accuracy", "pixel acc."), ("miou_majority", "mIoU (majority)")]
 
 
-def mined_pixel_masks(masks: store.RaggedStore, by_id, ids: set[int], attrs: dict, upsample: str) -> dict:
-    """image id -> mined mask at the original resolution, for the images in ``ids``."""
+def semantic_rows(store_path, ids: set[int]) -> dict[int, np.ndarray]:
+    s = store.RaggedStore(store_path)
+    return {int(i): store.read_semantic_map(s, r) for r, i in enumerate(s.read("image_id")) if int(i) in ids}
+
+
+def deeplab_feature_list(model, entries, device, where: str) -> list[torch.Tensor]:
+    return [
+        deeplab_features(model, torch.from_numpy(read_image(e)).permute(2, 0, 1), device, where)
+        for e in tqdm(entries, desc=f"linear:{where}", mininterval=1.0)
+    ]
+
+
+def linear_protocols(model, index, train, val, n_classes: int, ev, device) -> dict:
+    """The paper's probe on frozen DeepLab backbone features, and the released re-fit of its last 1x1 conv."""
     out = {}
-    grids = masks.read("grid")
-    for i, image_id in enumerate(masks.read("image_id")):
-        if int(image_id) in ids:
-            e = by_id[int(image_id)]
-            g = geometry(e.height, e.width, attrs["short_side"], attrs["backbone"]["patch_size"], attrs["fit"])
-            out[int(image_id)] = token_mask_to_pixels(masks.rows("token_mask", i).reshape(grids[i]), g, upsample)
+    train_gts = [index.read_semantic(e) for e in train]
+    val_gts = [index.read_semantic(e) for e in val]
+    for where, name in (("backbone", "probe_backbone"), ("head", "refit_last_conv")):
+        conv = train_linear_probe(
+            deeplab_feature_list(model, train, device, where),
+            train_gts,
+            n_classes,
+            epochs=ev.probe_epochs,
+            lr=ev.probe_lr,
+            milestones=(max(1, ev.probe_epochs * 25 // 45),),
+            ignore_index=index.ignore_index,
+            seed=ev.seed,
+            device=str(device),
+        )
+        val_f = deeplab_feature_list(model, val, device, where)
+        preds = [predict_probe(conv, f, g.shape) for f, g in zip(val_f, val_gts, strict=True)]
+        row = score_label_maps(zip(preds, val_gts, strict=True), n_classes, n_classes, index.ignore_index)
+        out[name] = {"miou": row["miou"], "pixel_accuracy": row["pixel_accuracy"]}
     return out
-
-
-def foreground_iou(pred_masks: dict, gts: dict) -> dict:
-    fg = ForegroundIoU()
-    for image_id, gt in gts.items():
-        fg.update(pred_masks.get(image_id, np.zeros_like(gt, bool)), gt)
-    r = fg.result()
-    return {"fg_iou": r["iou"], "fg_precision": r["precision"], "fg_recall": r["recall"]}
 
 
 def main(args, params) -> None:
     ev = params.evaluate
+    device = resolve_device(ev.device)
     index = DatasetIndex.load(args.index)
-    split = params.data.val_split
-    entries = [e for e in index.split(split) if index.has_ground_truth]
-    gts = {e.id: index.read_semantic(e) for e in entries}
-    gts = {k: v for k, v in gts.items() if v is not None}
-    entries = [e for e in entries if e.id in gts]
-    if not entries:
-        raise UserError(f"no images with ground truth in split {split!r}: nothing to evaluate")
+    if not index.has_ground_truth:
+        raise UserError("this dataset has no ground truth (data.dataset: folder): nothing to evaluate")
+    val = [e for e in index.split(params.data.val_split)]
+    gts = {e.id: index.read_semantic(e) for e in val}
+    val = [e for e in val if gts[e.id] is not None]
+    if not val:
+        raise UserError(f"no images with ground truth in split {params.data.val_split!r}")
+    ids = {e.id for e in val}
     n_gt, ignore = len(index.classes), index.ignore_index
-    has_background = index.classes[0].lower() == "background"
-    by_id = index.by_id
-    rows: dict[str, dict] = {}
-
-    # Table 1, row 1: mined masks + K-means pseudo-labels
     pseudo = coco.read_json(args.pseudo_labels / "instances.json")
     k = len(pseudo["categories"])
-    anns = group_by_image(pseudo["annotations"])
-    maps = {e.id: rasterise_annotations(anns.get(e.id, []), e.height, e.width) for e in entries}
-    rows["pseudo_labels"] = score_label_maps(((maps[i], gts[i]) for i in gts), k + 1, n_gt, ignore)
-    masks = store.RaggedStore(args.masks)
-    mined = mined_pixel_masks(masks, by_id, set(gts), store.RaggedStore(args.features).attrs, params.mining.upsample)
-    if has_background:
-        rows["pseudo_labels"].update(foreground_iou(mined, gts))
-    rows["pseudo_labels"]["k"] = k
 
-    baselines: dict[str, dict] = {}
+    def score(maps: dict[int, np.ndarray], n_pred: int) -> dict:
+        row = score_label_maps(((maps[e.id], gts[e.id]) for e in val), n_pred, n_gt, ignore)
+        row.pop("per_class_iou")
+        return row
+
+    pseudo_anns = group_by_image(pseudo["annotations"])
+    preds = coco.read_json(args.maskrcnn / "predictions.json")
+    pred_anns = group_by_image([p for p in preds if p["score"] >= ev.maskrcnn_score])
+    rows = {
+        "1 mined masks + K-means": score(
+            {e.id: rasterise_annotations(pseudo_anns.get(e.id, []), e.height, e.width) for e in val}, k + 1
+        ),
+        "2 + Mask R-CNN": score(
+            {e.id: rasterise_annotations(pred_anns.get(e.id, []), e.height, e.width) for e in val}, k + 1
+        ),
+        "3 + confidence filter": score(semantic_rows(args.semantic, ids), k + 1),
+        "4 + DeepLab-v3": score(semantic_rows(args.deeplab / "predictions.zarr", ids), k + 1),
+    }
+    ckpt = torch.load(args.deeplab / "model.pt", map_location="cpu", weights_only=False)
+    d = params.deeplab
+    model = build_deeplab(ckpt["num_classes"], d.backbone, d.output_stride, d.aspp_rates, d.freeze_blocks)
+    model.load_state_dict(ckpt["model"])
+    model.eval().to(device)
+    if ev.crf:
+        crf_maps = {}
+        for e in tqdm(val, desc="crf", mininterval=1.0):
+            image = read_image(e)
+            _, logits = predict_semantic(model, torch.from_numpy(image).permute(2, 0, 1), device, return_logits=True)
+            crf_maps[e.id] = dense_crf(image, logits)
+        rows["5 + CRF"] = score(crf_maps, ckpt["num_classes"])
+
+    gt_instances = coco.read_json(index.instances) if index.instances else None
+    instances = {}
+    if gt_instances:
+        gt_val = {
+            **gt_instances,
+            "images": [im for im in gt_instances["images"] if im["id"] in ids],
+            "annotations": [a for a in gt_instances["annotations"] if a["image_id"] in ids],
+        }
+        mined_results = [{**a, "score": 1.0} for a in pseudo["annotations"] if a["image_id"] in ids]
+        for name, results in (("mined_masks", mined_results), ("maskrcnn", [p for p in preds if p["image_id"] in ids])):
+            for mode in ("multi", "single"):
+                ap = class_agnostic_mask_ap(gt_val, results, mode)
+                instances[f"{name}_{mode}"] = {"AP": ap["AP"], "AP50": ap["AP50"]}
+
+    train = [e for e in index.split(params.data.train_split) if index.read_semantic(e) is not None]
+    linear = linear_protocols(model, index, train, val, n_gt, ev, device) if train else {}
+
+    baselines = {}
     if ev.baselines:
-        baselines["all_one_class"] = score_label_maps(
-            ((np.zeros_like(gts[i], np.int64), gts[i]) for i in gts), 1, n_gt, ignore
-        )
-        images = [read_image(e) for e in entries]
-        raw = raw_pixel_kmeans_labels(images, n_gt, ev.seed, ev.raw_kmeans_pixels)
-        baselines["raw_pixel_kmeans"] = score_label_maps(zip(raw, gts.values(), strict=True), n_gt, n_gt, ignore)
-        baselines["random_vit"] = random_vit_baseline(params, entries, gts, n_gt, ignore, k, has_background)
+        baselines["all one class"] = score({e.id: np.zeros((e.height, e.width), np.int64) for e in val}, 1)
+        raw = raw_pixel_kmeans_labels([read_image(e) for e in val], n_gt, ev.seed, ev.raw_kmeans_pixels)
+        baselines["K-means on raw pixels"] = score({e.id: r for e, r in zip(val, raw, strict=True)}, n_gt)
+        if args.backbone_metrics.exists():
+            baselines["random-init ViT, mined + K-means"] = json.loads(args.backbone_metrics.read_text())[
+                "random_init_front_half"
+            ]
 
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, value in (("pseudo_labels", rows["pseudo_labels"]), ("baselines", baselines)):
+    for name, value in (("table1", rows), ("instances", instances), ("linear", linear), ("baselines", baselines)):
         (args.out / f"{name}.json").write_text(json.dumps(value, indent=2) + "\n")
-    table = markdown_table({**rows, **{f"baseline: {n}": r for n, r in baselines.items()}}, COLUMNS)
-    header = f"Split `{split}` ({len(entries)} images, {n_gt} classes), values in %.\n\n"
-    (args.out / "table.md").write_text(header + table)
-    log("evaluate", "\n" + table)
-
-
-def random_vit_baseline(params, entries, gts, n_gt, ignore, k, has_background) -> dict:
-    """The same chain (extract -> mine -> K-means) with a randomly initialised ViT of the same shape."""
-    b, f, m, c = params.backbone, params.features, params.mining, params.cluster
-    device = resolve_device(params.evaluate.device)
-    torch.manual_seed(params.evaluate.seed)
-    model = create_vit(b.arch, b.patch_size, b.depth).eval().to(device)
-    cfg = MiningConfig(m.heads, m.cls_mass, m.topk_fraction, m.keep_component)
-    mined = mine_images(model, entries, f.short_side, f.fit, cfg, device, f.batch_size)
-    labelled = cluster_mined(model, mined, c.input, k, c.seed, device, c.whiten, c.algorithm, m.upsample)
-    by_image = {lm.image_id: lm for lm in labelled}
-
-    def pred(e):
-        lab = np.zeros((e.height, e.width), np.int64)
-        if e.id in by_image:
-            lab[by_image[e.id].pixel_mask] = by_image[e.id].cluster + 1
-        return lab
-
-    row = score_label_maps(((pred(e), gts[e.id]) for e in entries), k + 1, n_gt, ignore)
-    if has_background:
-        row.update(foreground_iou({i: lm.pixel_mask for i, lm in by_image.items()}, gts))
-    return row
+    text = [
+        f"Split `{params.data.val_split}`: {len(val)} images, {n_gt} classes, k = {k} clusters; values in %.\n",
+        "## Table 1 (clustering: Hungarian-matched mIoU)\n",
+        markdown_table({**rows, **{f"baseline: {n}": r for n, r in baselines.items()}}, COLUMNS),
+    ]
+    if instances:
+        text += [
+            "\n## Class-agnostic mask AP\n",
+            markdown_table(instances, [("AP", "AP"), ("AP50", "AP50")], scale=1.0),
+        ]
+    if linear:
+        text += [
+            "\n## Linear evaluation (1x1 conv trained with ground truth on frozen features)\n",
+            markdown_table(linear, [("miou", "mIoU"), ("pixel_accuracy", "pixel acc.")]),
+        ]
+    (args.out / "table.md").write_text("\n".join(text))
+    log("evaluate", "\n" + "\n".join(text))
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
-    run_stage("evaluate", main, parser(__doc__, "index", "backbone", "features", "masks", "pseudo_labels", "out"))
+    ap = parser(__doc__, "index", "pseudo_labels", "maskrcnn", "semantic", "deeplab", "backbone_metrics", "out")
+    run_stage("evaluate", main, ap)

@@ -8,8 +8,6 @@ these, so no mining param forces re-extraction. Batched, streamed, resumable aft
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -19,15 +17,7 @@ from unseg import store
 from unseg.cli import log, parser, run_stage
 from unseg.data.index import DatasetIndex
 from unseg.models.vit import create_vit, load_vit_weights
-from unseg.train.harness import params_digest, resolve_device
-
-
-def file_digest(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+from unseg.train.harness import file_digest, params_digest, resolve_device
 
 
 def main(args, params) -> None:

@@ -33,6 +33,10 @@ def main(args, params) -> None:
             d.seed,
             progress=lambda it: tqdm(it, desc="generate", mininterval=1.0),
         )
+        if d.video_sequences:
+            data_index.prepare_generated_video(
+                out / "video", d.video_sequences, d.video_frames, d.max_side, d.max_side, d.n_categories, d.seed
+            )
     elif d.dataset == "folder":
         idx = data_index.index_folder(d.root, d.limit)
     elif d.dataset == "coco":

@@ -6,8 +6,10 @@ weights), which ``extract_features`` loads like an official DINO file. Scratch: 
 checkpoints guarded by a params digest) and the loss log, copied to ``<log>`` at the end.
 
 - ``backbone.weights`` set: that checkpoint is validated against ``backbone`` and converted; no training.
-- otherwise: start from ``croc.init`` (a local checkpoint, e.g. the committed tiny one) or from scratch,
-  and train ``croc.steps`` steps. Runs under ``torchrun`` for DDP.
+- ``croc.reuse`` set: a checkpoint written earlier by this stage with exactly the current params and
+  training images (checked by a digest stored in it) is used as is; the tiny profile ships one.
+- otherwise: train ``croc.steps`` steps from scratch (resumes after an interrupt). Runs under
+  ``torchrun`` for DDP.
 """
 
 from __future__ import annotations
@@ -49,6 +51,31 @@ def split_croc_params(c) -> tuple[CrOCTraining, CrOCConfig]:
     return training, objective
 
 
+RUNTIME_KEYS = {"reuse", "device", "workers", "ckpt_every"}  # do not change what training computes
+
+
+def training_digest(b, c, entries) -> str:
+    """What determines the trained weights: architecture, CrOC params and the training images' bytes."""
+    croc = {k: v for k, v in vars(c).items() if k not in RUNTIME_KEYS}
+    arch = {"arch": b.arch, "patch_size": b.patch_size, "depth": b.depth}
+    return H.params_digest(arch, croc, [H.file_digest(e.file) for e in entries])
+
+
+def reuse_checkpoint(path: str, digest: str, out: Path) -> None:
+    """Use a finished run of this stage as is, after checking it was made with the same params and data."""
+    try:
+        meta = torch.load(path, map_location="cpu", weights_only=False).get("meta", {})
+    except (OSError, RuntimeError) as err:
+        raise UserError(f"croc.reuse: cannot read {path} ({err})") from err
+    if meta.get("digest") != digest:
+        raise UserError(
+            f"croc.reuse: {path} was trained with other params or data (digest {meta.get('digest')}, "
+            f"now {digest}); set croc.reuse: null to train with the current params"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, out)
+
+
 def main(args, params) -> None:
     b, c = params.backbone, params.croc
     meta = {"arch": b.arch, "patch_size": b.patch_size, "depth": b.depth}
@@ -58,39 +85,32 @@ def main(args, params) -> None:
         save_dino_checkpoint(model, args.out, meta={**meta, "source": f"converted from {b.weights}"})
         log("pretrain_croc", f"backbone.weights given: validated and converted {b.weights} -> {args.out}")
         return
+    index = DatasetIndex.load(args.index)
+    entries = index.split(params.data.train_split)
+    if not entries:
+        raise UserError(f"no images in split {params.data.train_split!r} to pretrain on")
+    digest = training_digest(b, c, entries)
+    if c.reuse:
+        reuse_checkpoint(c.reuse, digest, args.out)
+        log("pretrain_croc", f"croc.reuse: {c.reuse} was trained with these exact params and data; used as is")
+        return
     device = H.resolve_device(c.device)
     info = H.setup_distributed(device)
     training, objective = split_croc_params(c)
     torch.manual_seed(c.seed)
     models = build_models(b.arch, b.patch_size, b.depth, training)
-    if c.init:
-        load_vit_weights(models.student, c.init, b.checkpoint_key)
-        load_vit_weights(models.teacher, c.init, b.checkpoint_key)
-        source = f"initialised from {c.init}"
-    else:
-        source = "trained from scratch"
-    index = DatasetIndex.load(args.index)
-    entries = index.split(params.data.train_split)
-    if not entries:
-        raise UserError(f"no images in split {params.data.train_split!r} to pretrain on")
-    if c.steps == 0 and not c.init:
-        log("pretrain_croc", "WARNING: croc.steps = 0 and no croc.init: writing a randomly initialised ViT")
-    digest = H.params_digest(b, c, [(e.id, e.file) for e in entries])
+    if c.steps == 0:
+        log("pretrain_croc", "WARNING: croc.steps = 0: writing a randomly initialised ViT")
     ckpt = H.CheckpointDir(args.ckpt, digest, info.is_main)
     ran = train_croc(models, entries, training, objective, ckpt, args.ckpt / "loss.csv", device, info)
     if info.is_main:
-        save_dino_checkpoint(
-            models.teacher,
-            args.out,
-            student=models.student,
-            meta={**meta, "source": f"{source}, then {c.steps} CrOC steps", "digest": digest},
-        )
+        save_dino_checkpoint(models.teacher, args.out, meta={**meta, "steps": c.steps, "digest": digest})
         args.log.parent.mkdir(parents=True, exist_ok=True)
         if (args.ckpt / "loss.csv").exists():
             shutil.copy(args.ckpt / "loss.csv", args.log)
         else:
             args.log.write_text("step,loss\n")
-        log("pretrain_croc", f"{source}; {ran} of {c.steps} steps run now -> {args.out}")
+        log("pretrain_croc", f"{ran} of {c.steps} CrOC steps run now -> {args.out}")
 
 
 if __name__ == "__main__":

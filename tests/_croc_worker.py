@@ -10,8 +10,19 @@ from unseg.pretrain.croc import CrOCConfig
 from unseg.pretrain.trainer import CrOCTraining, build_models, train_croc
 from unseg.train import harness as H
 
-TRAINING = dict(steps=3, batch_size=4, crop_size=32, lr=0.01, out_dim=64, out_dim_c=32, head_hidden=32,
-                head_bottleneck=16, drop_path=0.0, ckpt_every=1, amp=False)
+TRAINING = dict(
+    steps=3,
+    batch_size=4,
+    crop_size=32,
+    lr=0.01,
+    out_dim=64,
+    out_dim_c=32,
+    head_hidden=32,
+    head_bottleneck=16,
+    drop_path=0.0,
+    ckpt_every=1,
+    amp=False,
+)
 
 
 def run(workdir: Path, out: Path, alpha_s: float = 0.0, **overrides) -> None:

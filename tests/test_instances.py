@@ -40,11 +40,7 @@ def result(img, mask, score, cat=0):
 
 
 def test_perfect_predictions_give_100_whatever_the_categories():
-    res = [
-        result(img, m, 0.9 - 0.1 * k, cat=99)
-        for img, objs in OBJECTS.items()
-        for k, (_, m) in enumerate(objs)
-    ]
+    res = [result(img, m, 0.9 - 0.1 * k, cat=99) for img, objs in OBJECTS.items() for k, (_, m) in enumerate(objs)]
     for mode in ("multi", "single"):
         assert class_agnostic_mask_ap(gt_json(), res, mode=mode) == {
             "AP": 100.0,
@@ -89,9 +85,7 @@ def test_single_keeps_only_most_confident_prediction_and_max_box_iou_object():
 
 
 def test_box_iou_by_hand():
-    ious = box_iou_xyxy(
-        np.array([0, 0, 10, 10.0]), np.array([[0, 0, 10, 10.0], [5, 0, 15, 10], [20, 20, 30, 30]])
-    )
+    ious = box_iou_xyxy(np.array([0, 0, 10, 10.0]), np.array([[0, 0, 10, 10.0], [5, 0, 15, 10], [20, 20, 30, 30]]))
     np.testing.assert_allclose(ious, [1.0, 50 / 150, 0.0], atol=1e-6)
 
 

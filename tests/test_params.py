@@ -70,3 +70,16 @@ def test_a_stage_reports_bad_params_in_one_line_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "mine_masks: error: params.yaml: mining.topk_fraction = 1.5: must be in (0, 1]"
     assert not out.exists()
+
+
+def test_every_schema_key_is_written_in_the_shipped_params_files():
+    # DVC tracks params by the keys present in the file, and users read their comments there.
+    import dataclasses
+
+    from unseg.params import SECTIONS
+
+    for path in (ROOT / "params.yaml", ROOT / "configs" / "paper.yaml"):
+        raw = yaml.safe_load(path.read_text())
+        assert set(raw) == set(SECTIONS), path
+        for name, cls in SECTIONS.items():
+            assert set(raw[name]) == {f.name for f in dataclasses.fields(cls)}, f"{path}: {name}"

@@ -13,11 +13,36 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = {
-    "data": {"n_train": 16, "n_val": 8, "min_side": 64, "max_side": 80},
+    "data": {"n_train": 16, "n_val": 8, "min_side": 64, "max_side": 80, "video_sequences": 1, "video_frames": 4},
+    "croc": {
+        "reuse": None,
+        "steps": 2,
+        "batch_size": 4,
+        "crop_size": 32,
+        "out_dim": 64,
+        "out_dim_c": 32,
+        "head_hidden": 32,
+        "head_bottleneck": 16,
+        "ckpt_every": 1,
+    },
     "features": {"short_side": 64, "batch_size": 8},
     "cluster": {"classes": 3, "batch_size": 8},
-    "evaluate": {"raw_kmeans_pixels": 5000},
+    "distill": {"steps": 3, "lr_steps": [2], "warmup_steps": 1, "batch_size": 2, "ckpt_every": 2},
+    "deeplab": {"epochs": 1, "batch_size": 8, "crop_size": 64},
+    "evaluate": {"raw_kmeans_pixels": 5000, "probe_epochs": 2},
 }
+STAGES = [
+    "prepare",
+    "pretrain_croc",
+    "extract_features",
+    "mine_masks",
+    "pseudo_label",
+    "distill_maskrcnn",
+    "filter_confident",
+    "train_deeplab",
+    "evaluate_backbone",
+    "evaluate",
+]
 
 
 def run(cmd, cwd, **kw):
@@ -50,13 +75,21 @@ def micro_repo(tmp_path_factory):
 
 @pytest.mark.slow
 def test_repro_writes_every_artifact(micro_repo):
-    metrics = json.loads((micro_repo / "artifacts/metrics/pseudo_labels.json").read_text())
-    assert 0 <= metrics["miou"] <= 1 and metrics["images"] == 8
+    table1 = json.loads((micro_repo / "artifacts/metrics/table1.json").read_text())
+    assert len(table1) >= 4
+    for row in table1.values():
+        assert 0 <= row["miou"] <= 1 and row["images"] == 8
     baselines = json.loads((micro_repo / "artifacts/metrics/baselines.json").read_text())
-    assert set(baselines) >= {"all_one_class", "raw_pixel_kmeans", "random_vit"}
+    assert len(baselines) == 3
+    backbone = json.loads((micro_repo / "artifacts/metrics/backbone.json").read_text())
+    assert set(backbone["pretrained"]) == {"dense_kmeans_miou", "linear_probe_miou", "davis_jf", "mask_fg_iou"}
     labels = json.loads((micro_repo / "artifacts/pseudo_labels/instances.json").read_text())
     assert len(labels["images"]) == 24 and len(labels["categories"]) == 3
+    preds = json.loads((micro_repo / "artifacts/maskrcnn/predictions.json").read_text())
+    assert all({"image_id", "category_id", "segmentation", "score"} <= set(p) for p in preds)
     assert (micro_repo / "artifacts/metrics/table.md").read_text().startswith("Split `val`")
+    dag = run([sys.executable, "-m", "dvc", "dag", "--md"], micro_repo)
+    assert all(stage in dag for stage in STAGES)
 
 
 @pytest.mark.slow
@@ -66,9 +99,27 @@ def test_second_repro_does_nothing_and_a_mining_param_reruns_only_its_subgraph(m
     params = yaml.safe_load((micro_repo / "params.yaml").read_text())
     params["mining"]["topk_fraction"] = 0.3
     (micro_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    downstream = {"mine_masks", "pseudo_label", "evaluate"}
+    downstream = {
+        "mine_masks",
+        "pseudo_label",
+        "distill_maskrcnn",
+        "filter_confident",
+        "train_deeplab",
+        "evaluate_backbone",
+        "evaluate",
+    }
     changed = set(json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], micro_repo)))
     assert "mine_masks" in changed and changed <= downstream  # stages whose params changed
     out = run([sys.executable, "-m", "dvc", "repro"], micro_repo, timeout=600)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert "mine_masks" in ran and ran <= downstream
+
+
+@pytest.mark.slow
+def test_filter_tau_reruns_only_filter_deeplab_and_evaluate(micro_repo):
+    params = yaml.safe_load((micro_repo / "params.yaml").read_text())
+    params["filter"]["tau"] = 0.5
+    (micro_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([sys.executable, "-m", "dvc", "repro"], micro_repo, timeout=600)
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert "filter_confident" in ran and ran <= {"filter_confident", "train_deeplab", "evaluate"}

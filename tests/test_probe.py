@@ -36,8 +36,7 @@ KW = dict(epochs=12, batch_size=4, milestones=(8,), seed=0)
 def token_accuracy(conv, feats, labels) -> float:
     """Accuracy at feature resolution (no upsampling): the token class is the label at the token's cell."""
     hits = [
-        np.mean(predict_probe(conv, f, (GRID, GRID)) == y[::SCALE, ::SCALE])
-        for f, y in zip(feats, labels, strict=True)
+        np.mean(predict_probe(conv, f, (GRID, GRID)) == y[::SCALE, ::SCALE]) for f, y in zip(feats, labels, strict=True)
     ]
     return float(np.mean(hits))
 
@@ -66,9 +65,7 @@ def test_ignored_pixels_do_not_train():
     # Every pixel of class 2 is set to ignore: the probe never sees class 2 and never predicts it.
     masked = [np.where(y == 2, 255, y) for y in labels]
     conv = train_linear_probe(feats, masked, N_CLASSES, **dict(KW, epochs=4))
-    preds = np.concatenate(
-        [predict_probe(conv, f, y.shape).ravel() for f, y in zip(feats, labels, strict=True)]
-    )
+    preds = np.concatenate([predict_probe(conv, f, y.shape).ravel() for f, y in zip(feats, labels, strict=True)])
     assert not np.any(preds == 2)
 
 

@@ -235,9 +235,7 @@ def write_davis(root, names, with_split):
         (root / "JPEGImages/480p" / name).mkdir(parents=True)
         (root / "Annotations/480p" / name).mkdir(parents=True)
         for t in range(3):
-            Image.fromarray(np.full((6, 8, 3), 10 * t, np.uint8)).save(
-                root / f"JPEGImages/480p/{name}/{t:05d}.jpg"
-            )
+            Image.fromarray(np.full((6, 8, 3), 10 * t, np.uint8)).save(root / f"JPEGImages/480p/{name}/{t:05d}.jpg")
             ann = Image.fromarray(np.array([[0, 1, 2, 0, 0, 0, 0, 0]] * 6, np.uint8), mode="P")
             ann.putpalette(palette)
             ann.save(root / f"Annotations/480p/{name}/{t:05d}.png")

@@ -261,3 +261,130 @@ def predict_semantic(
         logits = model(x[None].to(device))[0].float()
     pred = logits.argmax(0).cpu()
     return (pred, logits.cpu()) if return_logits else pred
+
+
+# ---------------------------------------------------------------- training on the harness
+
+
+class SemanticBatches:
+    """``make_batch(indices, step)``: augmented (images, labels) of a training step, a pure function of the step."""
+
+    def __init__(
+        self,
+        images,
+        labels,
+        crop_size: int,
+        scale_range,
+        max_rotation: float,
+        flip_p: float,
+        label_fill: int,
+        seed: int,
+    ):
+        self.images, self.labels = images, labels  # callables: index -> uint8 (H, W, 3) / uint8 (H, W)
+        self.kw = dict(
+            crop_size=crop_size,
+            scale_range=scale_range,
+            max_rotation=max_rotation,
+            flip_p=flip_p,
+            label_fill=label_fill,
+        )
+        self.seed = seed
+
+    def __call__(self, indices: Sequence[int], step: int):
+        from unseg.train.harness import generator, step_seed
+
+        pairs = [
+            train_augment(self.images(i), self.labels(i), generator(step_seed(self.seed, step, 1000 + i)), **self.kw)
+            for i in indices
+        ]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def step_lr_by_epoch(step: int, steps_per_epoch: int, base: float, step_epochs: Sequence[int], gamma: float) -> float:
+    """Released schedule: lr x gamma after each epoch in ``step_epochs`` (paper: 2e-3 -> 2e-4 after 40 of 45)."""
+    epoch = step // steps_per_epoch
+    return base * gamma ** sum(epoch >= e for e in step_epochs)
+
+
+def train_deeplab(
+    model: nn.Module,
+    batches,
+    n_images: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    step_epochs: Sequence[int],
+    gamma: float,
+    momentum: float,
+    weight_decay: float,
+    ohem_fraction: float,
+    ohem_count: str,
+    ckpt,
+    log_path,
+    device: torch.device,
+    seed: int,
+    amp: bool = True,
+    workers: int = 0,
+    ckpt_every: int = 100,
+    info=None,
+    on_epoch_end=None,
+) -> int:
+    """SGD on hard-pixel-mined cross-entropy for ``epochs`` epochs; resumes from ``ckpt``. Returns steps run.
+
+    ``on_epoch_end(epoch)`` is called after each completed epoch (used by the best-epoch reproduction flag).
+    """
+    from unseg.train import harness as H
+
+    info = info or H.SINGLE_PROCESS
+    model.to(device)
+    ddp = H.wrap_ddp(model, info, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    steps_per_epoch = max(1, -(-n_images // batch_size))
+    total = epochs * steps_per_epoch
+    data = H.StepBatches(n_images, batch_size, seed, batches, info)
+
+    def step_fn(step: int, batch) -> dict[str, float]:
+        cur = step_lr_by_epoch(step, steps_per_epoch, lr, step_epochs, gamma)
+        for g in opt.param_groups:
+            g["lr"] = cur
+        images, labels = batch
+        out = deeplab_train_step(ddp, opt, images, labels, device, ohem_fraction, 255, ohem_count, amp)
+        if on_epoch_end is not None and (step + 1) % steps_per_epoch == 0:
+            on_epoch_end((step + 1) // steps_per_epoch)
+        return {**out, "lr": cur}
+
+    return H.train_loop(
+        step_fn,
+        None,
+        {"model": model, "optimizer": opt},
+        total,
+        ckpt,
+        log_path,
+        ckpt_every,
+        seed,
+        info,
+        desc="deeplab",
+        make_batches=lambda start: H.step_loader(data, start, total, workers),
+    )
+
+
+@torch.no_grad()
+def deeplab_features(
+    model: DeepLabV3, image: torch.Tensor, device: torch.device, where: str = "backbone"
+) -> torch.Tensor:
+    """(D, h, w) frozen features of one image (3, H, W) for the linear protocols.
+
+    ``backbone``: the dilated ResNet's last stage (the paper's linear probe, App. A.2);
+    ``head``: the input of the final 1x1 classifier ``head[4]`` (what the released ``linear_finetune.py``
+    re-fits). Both at the model's output stride.
+    """
+    model.eval()
+    x = (image.float() / 255.0 if image.dtype == torch.uint8 else image.float())[None].to(device)
+    feats = model.backbone((x - model.mean) / model.std)["out"]
+    if where == "head":
+        for layer in list(model.head)[:4]:
+            feats = layer(feats)
+    elif where != "backbone":
+        raise ValueError(f"where must be 'backbone' or 'head', got {where!r}")
+    return feats[0].float().cpu()

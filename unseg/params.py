@@ -9,6 +9,7 @@ Keys are flat per section, so ``dvc exp run -S mining.topk_fraction=0.3`` works.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,8 @@ class Data:
     max_instances: int = p(3, lo=1, hi=6)
     min_side: int = p(96, lo=32)
     max_side: int = p(128, lo=32)
+    video_sequences: int = p(2, lo=0)  # generated DAVIS-layout videos for the propagation protocol
+    video_frames: int = p(12, lo=3)
     seed: int = p(0, lo=0)
 
 
@@ -70,11 +73,15 @@ class Backbone:
 
 @dataclass(frozen=True)
 class Croc:
-    init: str | None = p(None)  # a local checkpoint to start from (e.g. the committed tiny one)
+    reuse: str | None = p(None)  # a checkpoint this stage wrote with exactly these params and data: no training
     steps: int = p(0, lo=0)
     batch_size: int = p(32, lo=1)
     crop_size: int = p(64, lo=16)
     crop_scale_min: float = p(0.25, lo=0, hi=1, lo_open=True)
+    blur_sigma_max: float = p(2.0, lo=0.1)
+    hue: float = p(0.1, lo=0, hi=0.5)
+    saturation: float = p(0.2, lo=0)
+    grayscale_p: float = p(0.2, lo=0, hi=1)
     lr: float = p(5e-4, lo=0, lo_open=True)
     min_lr: float = p(1e-6, lo=0)
     warmup_steps: int = p(0, lo=0)
@@ -146,9 +153,91 @@ class Cluster:
 
 
 @dataclass(frozen=True)
+class Distill:
+    backend: str = p("torchvision", choices=("torchvision", "detectron2"))
+    backbone: str = p("resnet18", choices=("resnet18", "resnet34", "resnet50", "resnet101"))
+    fpn: bool = p(True)  # FPN; false = C4 (the paper's R50-C4)
+    backbone_weights: str | None = p(None)  # local torchvision / MoCo checkpoint; null = from scratch
+    trainable_layers: int = p(3, lo=0, hi=5)  # 3 = stem and layer1 frozen ("first two stages")
+    steps: int = p(600, lo=1)
+    batch_size: int = p(4, lo=1)
+    lr: float = p(0.02, lo=0, lo_open=True)
+    lr_steps: list[int] = p([480, 560])
+    warmup_steps: int = p(100, lo=0)
+    momentum: float = p(0.9, lo=0, hi=1)
+    weight_decay: float = p(1e-4, lo=0)
+    clip_grad: float = p(0.0, lo=0)  # 0 = off
+    train_min_size: int = p(96, lo=16)  # shortest side drawn from [train_min_size, train_max_size]
+    train_max_size: int = p(160, lo=16)
+    size_sampling: str = p("range", choices=("range", "choice"))
+    test_size: int = p(128, lo=16)  # shortest side at inference
+    max_size: int = p(256, lo=16)  # cap on the longest side
+    flip_p: float = p(0.5, lo=0, hi=1)
+    anchor_sizes: list[int] = p([16, 32, 64, 128, 256])
+    representation_size: int = p(256, lo=8)
+    mask_head_channels: list[int] = p([128, 128])
+    fpn_channels: int = p(128, lo=8)
+    box_batch_size_per_image: int = p(128, lo=1)
+    rpn_batch_size_per_image: int = p(128, lo=1)
+    detections_per_image: int = p(20, lo=1)
+    score_threshold: float = p(0.05, lo=0, hi=1)  # predictions below are not written
+    ckpt_every: int = p(100, lo=1)
+    workers: int = p(0, lo=0)
+    amp: bool = p(True)
+    device: str = p("auto", choices=DEVICES)
+    seed: int = p(0, lo=0)
+
+
+@dataclass(frozen=True)
+class Filter:
+    tau: float = p(0.9, lo=0, hi=1)  # keep predictions with score > tau (paper Sec. 3.3)
+    inclusive: bool = p(False)  # score >= tau (released script)
+    overlap: str = p("confidence", choices=("confidence", "overwrite", "released"))
+
+
+@dataclass(frozen=True)
+class Deeplab:
+    backbone: str = p("resnet18", choices=("resnet18", "resnet34", "resnet50", "resnet101"))
+    output_stride: int = p(8, choices=(8, 16, 32))
+    aspp_rates: list[int] = p([12, 24, 36])
+    freeze_blocks: int = p(2, lo=0, hi=4)  # stem+layer1 (1), +layer2 (2), ...
+    backbone_weights: str | None = p(None)
+    epochs: int = p(12, lo=1)
+    batch_size: int = p(8, lo=1)
+    lr: float = p(0.01, lo=0, lo_open=True)
+    lr_step_epochs: list[int] = p([10])
+    gamma: float = p(0.1, lo=0, hi=1)
+    momentum: float = p(0.9, lo=0, hi=1)
+    weight_decay: float = p(1e-4, lo=0)
+    crop_size: int = p(128, lo=16)
+    scale_min: float = p(0.75, lo=0, lo_open=True)
+    scale_max: float = p(1.25, lo=0, lo_open=True)
+    max_rotation: float = p(5.0, lo=0)
+    flip_p: float = p(0.5, lo=0, hi=1)
+    label_fill: int = p(255, lo=0, hi=255)  # label of pixels outside the warped image (released: 0)
+    ohem_fraction: float = p(0.2, lo=0, hi=1, lo_open=True)  # hard pixel mining: top 20% (1.0 = plain CE)
+    ohem_count: str = p("all", choices=("all", "valid"))
+    select_best_on_val: bool = p(False)  # reproduction only: keep the epoch with the best val mIoU (uses labels)
+    ckpt_every: int = p(100, lo=1)
+    workers: int = p(0, lo=0)
+    amp: bool = p(True)
+    device: str = p("auto", choices=DEVICES)
+    seed: int = p(0, lo=0)
+
+
+@dataclass(frozen=True)
 class Evaluate:
     baselines: bool = p(True)
     raw_kmeans_pixels: int = p(200_000, lo=1000)
+    maskrcnn_score: float = p(0.5, lo=0, hi=1)  # Table 1 "Mask R-CNN" row: predictions above this score
+    probe_epochs: int = p(45, lo=1)  # linear probe (paper App. A.2: 45 epochs, lr 0.1, x0.1 after 25)
+    probe_lr: float = p(0.1, lo=0, lo_open=True)
+    crf: bool = p(True)  # DeepLab + dense CRF row (released settings)
+    video_root: str | None = p(None)  # a DAVIS 2017 folder; null: the generated videos (if any)
+    video_topk: int = p(5, lo=1)
+    video_last_frames: int = p(7, lo=0)
+    video_neighborhood: int = p(12, lo=1)
+    video_temperature: float = p(0.1, lo=0, lo_open=True)
     device: str = p("auto", choices=DEVICES)
     seed: int = p(0, lo=0)
 
@@ -161,6 +250,9 @@ class Params:
     features: Features = field(default_factory=Features)
     mining: Mining = field(default_factory=Mining)
     cluster: Cluster = field(default_factory=Cluster)
+    distill: Distill = field(default_factory=Distill)
+    filter: Filter = field(default_factory=Filter)
+    deeplab: Deeplab = field(default_factory=Deeplab)
     evaluate: Evaluate = field(default_factory=Evaluate)
 
 
@@ -178,21 +270,28 @@ def _describe_range(meta: dict) -> str:
     return f"{'<' if meta['hi_open'] else '<='} {hi:g}"
 
 
+def _unwrap_optional(tp) -> tuple[Any, bool]:
+    """``X | None`` -> (X, True); anything else -> (tp, False)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp):
+        return next(a for a in typing.get_args(tp) if a is not type(None)), True
+    return tp, False
+
+
 def _type_name(tp) -> str:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    base = args[0] if args else tp
+    base, nullable = _unwrap_optional(tp)
     name = getattr(base, "__name__", str(base))
+    if typing.get_origin(base) is list:
+        name = f"list of {typing.get_args(base)[0].__name__}s"
     name = f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
-    return f"{name} or null" if type(None) in typing.get_args(tp) else name
+    return f"{name} or null" if nullable else name
 
 
 def _check_value(key: str, value: Any, tp, meta: dict) -> Any:
-    allowed_none = type(None) in typing.get_args(tp)
+    base, nullable = _unwrap_optional(tp)
     if value is None:
-        if allowed_none:
+        if nullable:
             return None
         raise ParamsError(f"params.yaml: {key} = null: must be {_type_name(tp)}")
-    base = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
     origin = typing.get_origin(base)
     ok = (
         (base is bool and isinstance(value, bool))
@@ -201,6 +300,9 @@ def _check_value(key: str, value: Any, tp, meta: dict) -> Any:
         or (base is str and isinstance(value, str))
         or (origin is list and isinstance(value, list))
     )
+    if ok and origin is list:
+        item = typing.get_args(base)[0]
+        ok = all(isinstance(v, item) and not isinstance(v, bool) for v in value)
     if not ok:
         raise ParamsError(f"params.yaml: {key} = {value!r}: must be {_type_name(tp)}")
     shown = value
@@ -252,6 +354,16 @@ def _check_cross(params: Params) -> None:
         raise ParamsError(f"params.yaml: data.min_side = {d.min_side}: must be <= data.max_side ({d.max_side})")
     if d.dataset != "generated" and not d.root:
         raise ParamsError(f"params.yaml: data.root is null: dataset {d.dataset!r} needs the path of its folder")
+    m = params.distill
+    if m.train_min_size > m.train_max_size:
+        raise ParamsError(
+            f"params.yaml: distill.train_min_size = {m.train_min_size}: must be <= distill.train_max_size"
+        )
+    if list(m.lr_steps) != sorted(m.lr_steps) or any(not isinstance(s, int) or s < 1 for s in m.lr_steps):
+        raise ParamsError(f"params.yaml: distill.lr_steps = {m.lr_steps}: must be increasing positive step numbers")
+    dl = params.deeplab
+    if dl.scale_min > dl.scale_max:
+        raise ParamsError(f"params.yaml: deeplab.scale_min = {dl.scale_min}: must be <= deeplab.scale_max")
     c = params.croc
     if c.n_centroids_max > c.n_tokens:
         raise ParamsError(f"params.yaml: croc.n_centroids_max = {c.n_centroids_max}: must be <= croc.n_tokens")

@@ -75,9 +75,7 @@ def dense_kmeans_labels(
     tokens = l2_normalise(np.concatenate([a.reshape(-1, a.shape[2]) for a in arrays]))
     fit_rows = None
     if max_fit_tokens is not None and max_fit_tokens < len(tokens):
-        fit_rows = np.sort(
-            np.random.default_rng(seed).choice(len(tokens), size=max_fit_tokens, replace=False)
-        )
+        fit_rows = np.sort(np.random.default_rng(seed).choice(len(tokens), size=max_fit_tokens, replace=False))
     n_fit = len(tokens) if fit_rows is None else len(fit_rows)
     if not 1 <= k <= n_fit:
         raise UserError(f"dense K-means: k={k} must be between 1 and the number of fitted tokens ({n_fit})")
@@ -102,9 +100,7 @@ def raw_pixel_kmeans_labels(
         raise UserError("raw-pixel K-means got no images")
     for i, im in enumerate(images):
         if np.asarray(im).ndim != 3 or np.asarray(im).shape[2] != 3:
-            raise UserError(
-                f"raw-pixel K-means: image {i} must be (H, W, 3), got shape {np.asarray(im).shape}"
-            )
+            raise UserError(f"raw-pixel K-means: image {i} must be (H, W, 3), got shape {np.asarray(im).shape}")
     images = [np.asarray(im) for im in images]
     bounds = np.cumsum([0] + [im.shape[0] * im.shape[1] for im in images])
     rng = np.random.default_rng(seed)

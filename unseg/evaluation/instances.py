@@ -33,9 +33,7 @@ def _image_sizes(gt: dict) -> dict[int, tuple[int, int]]:
     try:
         return {int(im["id"]): (int(im["height"]), int(im["width"])) for im in gt["images"]}
     except KeyError as e:
-        raise UserError(
-            f"ground-truth json: every image needs 'id', 'height' and 'width' (missing {e})"
-        ) from None
+        raise UserError(f"ground-truth json: every image needs 'id', 'height' and 'width' (missing {e})") from None
 
 
 def _to_rle(segmentation, height: int, width: int) -> dict:
@@ -58,9 +56,7 @@ def _agnostic_gt(gt: dict) -> dict:
     for i, ann in enumerate(gt.get("annotations", [])):
         ann = dict(ann)
         if int(ann["image_id"]) not in sizes:
-            raise UserError(
-                f"ground-truth annotation {i} refers to image_id {ann['image_id']} not in 'images'"
-            )
+            raise UserError(f"ground-truth annotation {i} refers to image_id {ann['image_id']} not in 'images'")
         h, w = sizes[int(ann["image_id"])]
         if "area" not in ann or "bbox" not in ann:
             rle = _to_rle(ann["segmentation"], h, w)
@@ -176,7 +172,4 @@ def class_agnostic_mask_ap(gt: dict, results: list[dict], mode: str = "multi") -
         evaluator.accumulate()
         evaluator.summarize()
     stats = evaluator.stats
-    return {
-        name: (float(stats[i]) * 100.0 if stats[i] >= 0 else None)
-        for i, name in enumerate(("AP", "AP50", "AP75"))
-    }
+    return {name: (float(stats[i]) * 100.0 if stats[i] >= 0 else None) for i, name in enumerate(("AP", "AP50", "AP75"))}

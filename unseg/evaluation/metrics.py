@@ -66,9 +66,7 @@ class ConfusionAccumulator:
     def merge(self, other: ConfusionAccumulator) -> None:
         """Add another accumulator's counts (e.g. from another process or shard)."""
         if other._matrix.shape != self._matrix.shape:
-            raise UserError(
-                f"cannot merge confusion matrices of shapes {other._matrix.shape} and {self._matrix.shape}"
-            )
+            raise UserError(f"cannot merge confusion matrices of shapes {other._matrix.shape} and {self._matrix.shape}")
         self._matrix += other._matrix
 
 
@@ -209,9 +207,7 @@ class ForegroundIoU:
         pred_mask = np.asarray(pred_mask).astype(bool)
         gt = np.asarray(gt)
         if pred_mask.shape != gt.shape:
-            raise UserError(
-                f"foreground mask shape {pred_mask.shape} differs from ground-truth shape {gt.shape}"
-            )
+            raise UserError(f"foreground mask shape {pred_mask.shape} differs from ground-truth shape {gt.shape}")
         valid = gt != self.ignore_index if self.ignore_index is not None else np.ones(gt.shape, bool)
         gt_fg = valid & (gt != self.background_index)
         pred_fg = pred_mask & valid

@@ -48,9 +48,7 @@ def _check_inputs(features: Sequence, labels: Sequence, num_classes: int, ignore
         vals = np.unique(np.asarray(lab))
         bad = vals[(vals != ignore_index) & ((vals < 0) | (vals >= num_classes))]
         if bad.size:
-            raise UserError(
-                f"label map {i} holds class {int(bad[0])}, outside [0, {num_classes}) and not ignore"
-            )
+            raise UserError(f"label map {i} holds class {int(bad[0])}, outside [0, {num_classes}) and not ignore")
     return int(features[0].shape[0])
 
 

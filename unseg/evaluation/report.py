@@ -51,11 +51,11 @@ def group_by_image(anns: list[dict]) -> dict[int, list[dict]]:
     return out
 
 
-def markdown_table(rows: dict[str, dict], columns: list[tuple[str, str]]) -> str:
-    """A markdown table: one row per entry of ``rows``, ``columns`` = [(key, header)], values in %."""
+def markdown_table(rows: dict[str, dict], columns: list[tuple[str, str]], scale: float = 100.0) -> str:
+    """A markdown table: one row per entry of ``rows``, ``columns`` = [(key, header)], values x ``scale``."""
 
     def cell(v):
-        return "–" if v is None else f"{100 * v:.1f}"
+        return "–" if v is None else f"{scale * v:.1f}"
 
     head = "| setup | " + " | ".join(h for _, h in columns) + " |"
     sep = "|---|" + "---:|" * len(columns)

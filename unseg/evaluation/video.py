@@ -80,13 +80,9 @@ def read_davis_sequences(
         if not frames:
             raise UserError(f"DAVIS sequence folder {seq_dir} holds no .jpg/.png frames")
         ann_dir = root / "Annotations" / resolution / name
-        anns = tuple(
-            (ann_dir / (f.stem + ".png")) if (ann_dir / (f.stem + ".png")).is_file() else None for f in frames
-        )
+        anns = tuple((ann_dir / (f.stem + ".png")) if (ann_dir / (f.stem + ".png")).is_file() else None for f in frames)
         if anns[0] is None:
-            raise UserError(
-                f"DAVIS sequence {name!r}: first frame {frames[0].name} has no annotation in {ann_dir}"
-            )
+            raise UserError(f"DAVIS sequence {name!r}: first frame {frames[0].name} has no annotation in {ann_dir}")
         sequences.append(DavisSequence(name, frames, anns))
     return sequences
 
@@ -123,14 +119,10 @@ def neighbourhood_mask(h: int, w: int, radius: int) -> torch.Tensor:
         return torch.ones(h * w, h * w, dtype=torch.bool)
     rows = torch.arange(h).repeat_interleave(w)
     cols = torch.arange(w).repeat(h)
-    return ((rows[:, None] - rows[None, :]).abs() <= radius) & (
-        (cols[:, None] - cols[None, :]).abs() <= radius
-    )
+    return ((rows[:, None] - rows[None, :]).abs() <= radius) & ((cols[:, None] - cols[None, :]).abs() <= radius)
 
 
-def propagation_weights(
-    sim: torch.Tensor, valid: torch.Tensor, topk: int, temperature: float
-) -> torch.Tensor:
+def propagation_weights(sim: torch.Tensor, valid: torch.Tensor, topk: int, temperature: float) -> torch.Tensor:
     """Row-stochastic (N, M) weights from similarities ``sim`` (N targets, M context tokens).
 
     w_ij ∝ exp(sim_ij / T) for valid j whose value reaches the row's k-th largest valid value (ties kept),
@@ -213,9 +205,7 @@ def propagate_labels(
     window = neighbourhood_mask(h, w, neighborhood).to(device)
     recent: list[tuple[torch.Tensor, torch.Tensor]] = []
     first = torch.as_tensor(np.where(first_mask == void_label, 0, first_mask).astype(np.int64))
-    masks = [
-        F.interpolate(first[None, None].double(), size=out_size, mode="nearest-exact")[0, 0].long().numpy()
-    ]
+    masks = [F.interpolate(first[None, None].double(), size=out_size, mode="nearest-exact")[0, 0].long().numpy()]
     for target in feats[1:]:
         ctx_feats = torch.stack([feats[0]] + [f for f, _ in recent])  # (n_ctx, N, D)
         ctx_labels = torch.cat([first_labels] + [s for _, s in recent])  # (n_ctx·N, C)

@@ -31,6 +31,10 @@ class CrOCTraining:
     batch_size: int = 32
     crop_size: int = 64
     crop_scale_min: float = 0.25
+    blur_sigma_max: float = 2.0  # DINO: sigma in [0.1, 2] px at 224 px views
+    hue: float = 0.1
+    saturation: float = 0.2
+    grayscale_p: float = 0.2
     lr: float = 5e-4  # per 256 images (DINO linear scaling)
     min_lr: float = 1e-6
     warmup_steps: int = 0
@@ -109,11 +113,15 @@ class ViewBatches:
 
 
 def view_config(t: CrOCTraining) -> ViewConfig:
+    """DINO's two global views (blur always on view 1, sometimes on view 2; solarise on view 2)."""
+    common = dict(
+        hue=t.hue, saturation=t.saturation, gray_p=t.grayscale_p, blur_sigma=(0.1, max(0.1, t.blur_sigma_max))
+    )
     return ViewConfig(
         size=t.crop_size,
         scale=(t.crop_scale_min, 1.0),
-        view1=Photometric(blur_p=1.0, solarize_p=0.0),
-        view2=Photometric(blur_p=0.1, solarize_p=0.2),
+        view1=Photometric(blur_p=1.0, solarize_p=0.0, **common),
+        view2=Photometric(blur_p=0.1, solarize_p=0.2, **common),
     )
 
 

@@ -308,7 +308,7 @@ def train_loop(
         values = step_fn(step, batch)
         loss = values.get("loss")
         if loss is not None and not math.isfinite(loss):
-            raise FloatingPointError(f"{desc}: loss became {loss} at step {step}; lower the learning rate")
+            raise UserError(f"{desc}: the loss became {loss} at step {step}; lower the learning rate or clip gradients")
         if step % log_every == 0 or step + 1 == total_steps:
             log.write(step, values)
             bar.set_postfix({k: f"{v:.3g}" for k, v in list(values.items())[:3]})
@@ -328,6 +328,24 @@ def params_digest(*sections: Any) -> str:
 
     text = json.dumps([plain(s) for s in sections], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | Path) -> str:
+    """Short sha256 of a file's bytes, or of every file (names and bytes) under a folder.
+
+    Guards resumable scratch that depends on an input (a changed input starts the run fresh).
+    """
+    import hashlib
+
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 
 def lr_at(

@@ -1,0 +1,139 @@
+"""distill_maskrcnn: Mask R-CNN trained on the K-means pseudo-labels, then run on every image (Sec. 3.2).
+
+Reads: params ``distill``; the image index and ``<pseudo_labels>/instances.json`` (training split only).
+Writes ``<out>/model.pt`` and ``<out>/predictions.json`` (COCO results: RLE masks at the original
+resolution, scores, ``category_id`` = pseudo-label category). Scratch: ``--ckpt`` (resumable,
+guarded by a params digest). Backend: torchvision (default) or detectron2 (the paper's R50-C4).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from unseg.cli import log, parser, run_stage
+from unseg.coco import read_json, write_json
+from unseg.data.index import DatasetIndex
+from unseg.distill.maskrcnn import CocoInstanceDataset, build_maskrcnn, load_image, predict_instances
+from unseg.distill.trainer import MaskRCNNTraining, train_maskrcnn
+from unseg.errors import UserError
+from unseg.train import harness as H
+
+
+def detectron2_params(d, k: int, out: Path, device: torch.device) -> dict:
+    """Our ``distill`` params in the vocabulary of :func:`unseg.distill.detectron2_backend.detectron2_config`."""
+    return {
+        "num_classes": k,
+        "depth": int(d.backbone.removeprefix("resnet")),
+        "lr": d.lr,
+        "momentum": d.momentum,
+        "weight_decay": d.weight_decay,
+        "max_iter": d.steps,
+        "steps": tuple(d.lr_steps),
+        "warmup_iters": d.warmup_steps,
+        "ims_per_batch": d.batch_size,
+        "min_size_train": (d.train_min_size, d.train_max_size),
+        "min_size_train_sampling": d.size_sampling,
+        "max_size_train": d.max_size,
+        "min_size_test": d.test_size,
+        "max_size_test": d.max_size,
+        "backbone_weights": d.backbone_weights or "",
+        "score_thresh_test": d.score_threshold,
+        "detections_per_image": d.detections_per_image,
+        "amp": d.amp,
+        "num_workers": d.workers,
+        "checkpoint_period": d.ckpt_every,
+        "seed": d.seed,
+        "device": device.type,
+        "output_dir": str(out),
+        "freeze_at": 5 - d.trainable_layers,
+    }
+
+
+def main(args, params) -> None:
+    d = params.distill
+    index = DatasetIndex.load(args.index)
+    pseudo = read_json(args.pseudo_labels / "instances.json")
+    k = len(pseudo["categories"])
+    train_ids = {e.id for e in index.split(params.data.train_split)}
+    train_json = {
+        "images": [im for im in pseudo["images"] if im["id"] in train_ids],
+        "annotations": [a for a in pseudo["annotations"] if a["image_id"] in train_ids],
+        "categories": pseudo["categories"],
+    }
+    if not train_json["annotations"]:
+        raise UserError(f"no pseudo-labels in the training split {params.data.train_split!r}")
+    paths = {e.id: e.file for e in index.images}
+    device = H.resolve_device(d.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if d.backend == "detectron2":
+        from unseg.distill.detectron2_backend import detectron2_config, train_and_predict_detectron2
+
+        config = detectron2_config(detectron2_params(d, k, args.ckpt, device))
+        preds = train_and_predict_detectron2(
+            config, args.pseudo_labels / "instances.json", paths, args.ckpt, [(e.id, e.file) for e in index.images]
+        )
+        write_json(preds, args.out / "predictions.json")
+        shutil.copy(Path(config["OUTPUT_DIR"]) / "model_final.pth", args.out / "model.pt")
+        return
+    info = H.setup_distributed(device)
+    torch.manual_seed(d.seed)
+    model = build_maskrcnn(
+        k,
+        d.backbone,
+        d.trainable_layers,
+        d.test_size,
+        d.max_size,
+        d.backbone_weights,
+        d.fpn,
+        d.anchor_sizes,
+        representation_size=d.representation_size,
+        mask_head_channels=d.mask_head_channels,
+        fpn_channels=d.fpn_channels,
+        box_batch_size_per_image=d.box_batch_size_per_image,
+        rpn_batch_size_per_image=d.rpn_batch_size_per_image,
+        box_detections_per_img=d.detections_per_image,
+    )
+    dataset = CocoInstanceDataset(
+        train_json, paths, [d.train_min_size, d.train_max_size], d.max_size, d.size_sampling, d.flip_p
+    )
+    training = MaskRCNNTraining(
+        d.steps,
+        d.batch_size,
+        d.lr,
+        d.lr_steps,
+        d.warmup_steps,
+        d.momentum,
+        d.weight_decay,
+        d.clip_grad,
+        d.amp,
+        d.seed,
+        d.workers,
+        d.ckpt_every,
+    )
+    digest = H.params_digest(d, H.file_digest(args.pseudo_labels / "instances.json"))
+    ckpt = H.CheckpointDir(args.ckpt, digest, info.is_main)
+    ran = train_maskrcnn(model, dataset, training, ckpt, args.ckpt / "loss.csv", device, info)
+    if not info.is_main:
+        return
+    log("distill_maskrcnn", f"{ran} of {d.steps} steps run now; predicting on {len(index.images)} images")
+    torch.save(
+        {"model": model.state_dict(), "num_classes": k, "category_ids": dataset.category_ids}, args.out / "model.pt"
+    )
+    images = ((e.id, load_image(e.file)) for e in tqdm(index.images, desc="predict", mininterval=1.0))
+    preds = predict_instances(
+        model, images, device, d.score_threshold, category_ids=dataset.category_ids, batch_size=d.batch_size, amp=d.amp
+    )
+    write_json(preds, args.out / "predictions.json")
+    shutil.copy(args.ckpt / "loss.csv", args.log)
+    log("distill_maskrcnn", f"{len(preds)} predictions -> {args.out / 'predictions.json'}")
+
+
+if __name__ == "__main__":
+    ap = parser(__doc__, "index", "pseudo_labels", "out")
+    ap.add_argument("--ckpt", type=Path, default=Path("artifacts/scratch/maskrcnn"))
+    ap.add_argument("--log", type=Path, default=Path("artifacts/plots/maskrcnn_loss.csv"))
+    run_stage("distill_maskrcnn", main, ap)

@@ -85,7 +85,11 @@ def main(args, params) -> None:
     val, val_gts = labelled(index, params.data.val_split)
     train, train_gts = labelled(index, params.data.train_split)
     if not val or not train:
-        raise UserError("evaluate_backbone needs ground truth on the training and validation splits")
+        note = "no ground truth on the training and validation splits: nothing to score"
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"note": note}) + "\n")
+        log("evaluate_backbone", note)
+        return
     device = resolve_device(ev.device)
     root = Path(ev.video_root) if ev.video_root else args.index.parent / "video"
     videos = read_davis_sequences(root) if root.is_dir() else []

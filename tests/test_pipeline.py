@@ -58,19 +58,23 @@ def deep_update(base: dict, new: dict) -> dict:
     return base
 
 
-@pytest.fixture(scope="module")
-def micro_repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("repo")
+def make_repo(repo: Path, overrides: dict) -> Path:
+    """A copy of the project with ``overrides`` on top of params.yaml, after a full ``dvc repro``."""
     for name in ("dvc.yaml", "stages", "unseg", "configs"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
-    params = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), MICRO)
+    params = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], repo)
     run([sys.executable, "-m", "dvc", "init", "-q"], repo)
     run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], repo)
     run([sys.executable, "-m", "dvc", "repro"], repo, timeout=900)
     return repo
+
+
+@pytest.fixture(scope="module")
+def micro_repo(tmp_path_factory):
+    return make_repo(tmp_path_factory.mktemp("repo"), MICRO)
 
 
 @pytest.mark.slow
@@ -123,3 +127,25 @@ def test_filter_tau_reruns_only_filter_deeplab_and_evaluate(micro_repo):
     out = run([sys.executable, "-m", "dvc", "repro"], micro_repo, timeout=600)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert "filter_confident" in ran and ran <= {"filter_confident", "train_deeplab", "evaluate"}
+
+
+COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not COCO_MINI.is_dir(), reason="../shared/data/coco-mini not present")
+def test_the_whole_chain_runs_on_coco_mini(tmp_path):
+    coco = deep_update(
+        json.loads(json.dumps(MICRO)),
+        {
+            "data": {"dataset": "coco", "root": str(COCO_MINI), "limit": 6},
+            "cluster": {"classes": 2},
+            "evaluate": {"crf": False},
+        },
+    )
+    repo = make_repo(tmp_path, coco)
+    table1 = json.loads((repo / "artifacts/metrics/table1.json").read_text())
+    assert all(0 <= row["miou"] <= 1 and row["images"] == 6 for row in table1.values())
+    preds = json.loads((repo / "artifacts/maskrcnn/predictions.json").read_text())
+    index = json.loads((repo / "data/prepared/index.json").read_text())
+    assert {p["image_id"] for p in preds} <= {e["id"] for e in index["images"]}

@@ -78,6 +78,7 @@ class Croc:
     batch_size: int = p(32, lo=1)
     crop_size: int = p(64, lo=16)
     crop_scale_min: float = p(0.25, lo=0, hi=1, lo_open=True)
+    crop_scale_max: float = p(1.0, lo=0, hi=1, lo_open=True)
     blur_sigma_max: float = p(2.0, lo=0.1)
     hue: float = p(0.1, lo=0, hi=0.5)
     saturation: float = p(0.2, lo=0)

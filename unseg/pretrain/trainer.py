@@ -31,6 +31,7 @@ class CrOCTraining:
     batch_size: int = 32
     crop_size: int = 64
     crop_scale_min: float = 0.25
+    crop_scale_max: float = 1.0
     blur_sigma_max: float = 2.0  # DINO: sigma in [0.1, 2] px at 224 px views
     hue: float = 0.1
     saturation: float = 0.2
@@ -119,7 +120,7 @@ def view_config(t: CrOCTraining) -> ViewConfig:
     )
     return ViewConfig(
         size=t.crop_size,
-        scale=(t.crop_scale_min, 1.0),
+        scale=(t.crop_scale_min, t.crop_scale_max),
         view1=Photometric(blur_p=1.0, solarize_p=0.0, **common),
         view2=Photometric(blur_p=0.1, solarize_p=0.2, **common),
     )

@@ -1,0 +1,110 @@
+"""Speed benchmarks; each writes a JSON file to benchmarks/results/ (``make bench``).
+
+- mining: the vectorised MaskDistill rule (batched over images, O(N D)) against a straightforward
+  per-image implementation with the N x N Gram matrix, at the paper's ViT-S/16 @ 640 geometry;
+- kmeans: scikit-learn MiniBatchKMeans vs faiss on whitened CLS features (the choice in ``cluster.algorithm``);
+- extraction: images/s of ``extract_features``'s forward pass for the tiny and the paper backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unseg.clustering import kmeans, whiten_l2
+from unseg.mining import MiningConfig, mine_masks
+from unseg.models.vit import create_vit, forward_with_qk
+
+OUT = Path(__file__).parent / "results"
+
+
+def timed(fn, repeat: int = 3) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat
+
+
+def gram_reference(logits, keys, grid, cfg):
+    """Per image, the Gram-matrix formulation of the paper (no batching, N x N matrix)."""
+    out = []
+    for b in range(keys.shape[0]):
+        a = logits[b, :, : cfg.heads or logits.shape[-1]].mean(-1)
+        k = int(cfg.topk_fraction * a.numel())
+        prop = torch.topk(a, k).indices
+        gram = keys[b] @ keys[b].T
+        p_prime = prop[gram[prop[0], prop] > 0]
+        out.append(gram[p_prime].sum(0) > 0)
+    return torch.stack(out)
+
+
+def bench_mining() -> dict:
+    torch.manual_seed(0)
+    grid = (40, 53)  # ViT-S/16 at shortest side 640 (4:3 image)
+    n, heads, dim, batch = grid[0] * grid[1], 6, 384, 16
+    keys, logits = torch.randn(batch, n, dim), torch.randn(batch, n, heads)
+    cfg = MiningConfig(heads=None, cls_mass=None, topk_fraction=0.4, keep_component=False)
+    vec = timed(lambda: mine_masks(logits, keys, grid, cfg))
+    ref = timed(lambda: gram_reference(logits, keys, grid, cfg))
+    cfg_c = MiningConfig(heads=5, cls_mass=0.5, topk_fraction=0.4, keep_component=True)
+    released = timed(lambda: mine_masks(logits, keys, grid, cfg_c))
+    return {
+        "tokens_per_image": n,
+        "batch": batch,
+        "vectorised_images_per_s": batch / vec,
+        "gram_reference_images_per_s": batch / ref,
+        "speedup": ref / vec,
+        "released_rule_with_component_images_per_s": batch / released,
+    }
+
+
+def bench_kmeans() -> dict:
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(20, 384))
+    x = centers[rng.integers(0, 20, 10_000)] + 0.8 * rng.normal(size=(10_000, 384))
+    x, _ = whiten_l2(x)
+    out = {"features": x.shape[0], "dim": x.shape[1], "k": 20}
+    for algo in ("minibatch", "faiss"):
+        start = time.perf_counter()
+        res = kmeans(x, 20, 1234, algo)
+        out[f"{algo}_seconds"] = time.perf_counter() - start
+        out[f"{algo}_inertia"] = float(((x - res.centers[res.labels]) ** 2).sum())
+    return out
+
+
+@torch.no_grad()
+def bench_extraction() -> dict:
+    out = {}
+    for name, arch, patch, depth, side, batch in (
+        ("tiny", "vit_tiny_patch16_224", 8, 4, 96, 32),
+        ("paper", "vit_small_patch16_224", 16, None, 640, 4),
+    ):
+        model = create_vit(arch, patch, depth).eval()
+        x = torch.randn(batch, 3, side, side * 4 // 3 // patch * patch)
+        out[f"{name}_images_per_s"] = batch / timed(lambda m=model, x=x: forward_with_qk(m, x), repeat=2)
+    return out
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    env = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+    }
+    for name, fn in (("mining", bench_mining), ("kmeans", bench_kmeans), ("extraction", bench_extraction)):
+        result = {"env": env, **fn()}
+        (OUT / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(name, json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -8,19 +8,23 @@ guarded by a params digest). Backend: torchvision (default) or detectron2 (the p
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from unseg import coco
 from unseg.cli import log, parser, run_stage
-from unseg.coco import read_json, write_json
 from unseg.data.index import DatasetIndex
 from unseg.distill.maskrcnn import CocoInstanceDataset, build_maskrcnn, load_image, predict_instances
 from unseg.distill.trainer import MaskRCNNTraining, train_maskrcnn
 from unseg.errors import UserError
 from unseg.train import harness as H
+
+# params that change predictions only, not training: changing them must not restart training
+PREDICT_ONLY = {"test_size", "detections_per_image", "score_threshold", "device", "workers", "ckpt_every"}
 
 
 def detectron2_params(d, k: int, out: Path, device: torch.device) -> dict:
@@ -56,7 +60,7 @@ def detectron2_params(d, k: int, out: Path, device: torch.device) -> dict:
 def main(args, params) -> None:
     d = params.distill
     index = DatasetIndex.load(args.index)
-    pseudo = read_json(args.pseudo_labels / "instances.json")
+    pseudo = coco.read_json(args.pseudo_labels / "instances.json")
     k = len(pseudo["categories"])
     train_ids = {e.id for e in index.split(params.data.train_split)}
     train_json = {
@@ -69,15 +73,28 @@ def main(args, params) -> None:
     paths = {e.id: e.file for e in index.images}
     device = H.resolve_device(d.device)
     args.out.mkdir(parents=True, exist_ok=True)
+    digest = H.params_digest(
+        {k: v for k, v in vars(d).items() if k not in PREDICT_ONLY},
+        H.file_digest(args.pseudo_labels / "instances.json"),
+        sorted(train_ids),
+    )
     if d.backend == "detectron2":
         from unseg.distill.detectron2_backend import detectron2_config, train_and_predict_detectron2
 
-        config = detectron2_config(detectron2_params(d, k, args.ckpt, device))
+        ckpt = H.CheckpointDir(args.ckpt, digest)  # a changed param empties detectron2's output folder too
+        coco.write_json(train_json, ckpt.path / "train.json")
+        config = detectron2_config(detectron2_params(d, k, ckpt.path, device))
         preds = train_and_predict_detectron2(
-            config, args.pseudo_labels / "instances.json", paths, args.ckpt, [(e.id, e.file) for e in index.images]
+            config, ckpt.path / "train.json", paths, ckpt.path, [(e.id, e.file) for e in index.images]
         )
-        write_json(preds, args.out / "predictions.json")
-        shutil.copy(Path(config["OUTPUT_DIR"]) / "model_final.pth", args.out / "model.pt")
+        coco.write_json(preds, args.out / "predictions.json")
+        shutil.copy(ckpt.path / "model_final.pth", args.out / "model.pt")
+        metrics = ckpt.path / "metrics.json"  # detectron2's per-iteration log (json lines)
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        args.log.parent.mkdir(parents=True, exist_ok=True)
+        args.log.write_text(
+            "step,loss\n" + "".join(f"{r['iteration']},{r['total_loss']}\n" for r in rows if "total_loss" in r)
+        )
         return
     info = H.setup_distributed(device)
     torch.manual_seed(d.seed)
@@ -114,7 +131,6 @@ def main(args, params) -> None:
         d.workers,
         d.ckpt_every,
     )
-    digest = H.params_digest(d, H.file_digest(args.pseudo_labels / "instances.json"))
     ckpt = H.CheckpointDir(args.ckpt, digest, info.is_main)
     ran = train_maskrcnn(model, dataset, training, ckpt, args.ckpt / "loss.csv", device, info)
     if not info.is_main:
@@ -127,7 +143,7 @@ def main(args, params) -> None:
     preds = predict_instances(
         model, images, device, d.score_threshold, category_ids=dataset.category_ids, batch_size=d.batch_size, amp=d.amp
     )
-    write_json(preds, args.out / "predictions.json")
+    coco.write_json(preds, args.out / "predictions.json")
     shutil.copy(args.ckpt / "loss.csv", args.log)
     log("distill_maskrcnn", f"{len(preds)} predictions -> {args.out / 'predictions.json'}")
 

@@ -1,6 +1,7 @@
 """evaluate: MaskDistill's Table 1 for this run, instance AP and the linear protocols (validation split).
 
-Reads: params ``evaluate``; the index, the pseudo-labels, the Mask R-CNN predictions, the filtered
+Reads: params ``evaluate``, ``mining.upsample``, the DeepLab architecture; the index, ``features.zarr``
+(geometry) and ``masks.zarr`` (mined masks), the pseudo-labels, the Mask R-CNN predictions, the filtered
 pseudo-ground-truth, the DeepLab model and predictions, and ``backbone.json`` (the random-ViT baseline
 from ``evaluate_backbone``). Writes ``<out>/table1.json``, ``instances.json``, ``linear.json``,
 ``baselines.json`` (DVC metrics) and ``table.md``.
@@ -23,9 +24,11 @@ from unseg import coco, store
 from unseg.cli import log, parser, run_stage
 from unseg.crf import dense_crf
 from unseg.data.index import DatasetIndex, read_image
+from unseg.data.transforms import geometry, token_mask_to_pixels
 from unseg.deeplab import build_deeplab, deeplab_features, predict_semantic
 from unseg.evaluation.dense import raw_pixel_kmeans_labels
 from unseg.evaluation.instances import class_agnostic_mask_ap
+from unseg.evaluation.metrics import ForegroundIoU
 from unseg.evaluation.probe import predict_probe, train_linear_probe
 from unseg.evaluation.report import group_by_image, markdown_table, rasterise_annotations, score_label_maps
 from unseg.train.harness import resolve_device
@@ -38,33 +41,31 @@ def semantic_rows(store_path, ids: set[int]) -> dict[int, np.ndarray]:
     return {int(i): store.read_semantic_map(s, r) for r, i in enumerate(s.read("image_id")) if int(i) in ids}
 
 
-def deeplab_feature_list(model, entries, device, where: str) -> list[torch.Tensor]:
+def deeplab_feature_list(model, entries, device, where: str, input_size: int) -> list[torch.Tensor]:
     return [
-        deeplab_features(model, torch.from_numpy(read_image(e)).permute(2, 0, 1), device, where)
+        deeplab_features(model, torch.from_numpy(read_image(e)).permute(2, 0, 1), device, where, input_size)
         for e in tqdm(entries, desc=f"linear:{where}", mininterval=1.0)
     ]
 
 
-def linear_protocols(model, index, train, val, n_classes: int, ev, device) -> dict:
-    """The paper's probe on frozen DeepLab backbone features, and the released re-fit of its last 1x1 conv."""
+def linear_protocols(model, train, train_gts, val, val_gts, n_classes, ignore, ev, device, input_size) -> dict:
+    """The paper's probe on frozen DeepLab backbone features (App. A.2), and the released protocol that
+    re-fits only DeepLab's last 1x1 conv (``linear_finetune.py``); both trained with ground truth."""
     out = {}
-    train_gts = [index.read_semantic(e) for e in train]
-    val_gts = [index.read_semantic(e) for e in val]
     for where, name in (("backbone", "probe_backbone"), ("head", "refit_last_conv")):
         conv = train_linear_probe(
-            deeplab_feature_list(model, train, device, where),
+            deeplab_feature_list(model, train, device, where, input_size),
             train_gts,
             n_classes,
             epochs=ev.probe_epochs,
             lr=ev.probe_lr,
-            milestones=(max(1, ev.probe_epochs * 25 // 45),),
-            ignore_index=index.ignore_index,
+            ignore_index=ignore,
             seed=ev.seed,
             device=str(device),
         )
-        val_f = deeplab_feature_list(model, val, device, where)
+        val_f = deeplab_feature_list(model, val, device, where, input_size)
         preds = [predict_probe(conv, f, g.shape) for f, g in zip(val_f, val_gts, strict=True)]
-        row = score_label_maps(zip(preds, val_gts, strict=True), n_classes, n_classes, index.ignore_index)
+        row = score_label_maps(zip(preds, val_gts, strict=True), n_classes, n_classes, ignore)
         out[name] = {"miou": row["miou"], "pixel_accuracy": row["pixel_accuracy"]}
     return out
 
@@ -76,19 +77,37 @@ def write_empty(out, note: str) -> None:
     (out / "table.md").write_text(note + "\n")
 
 
+def mined_mask_fg_iou(masks_path, features_path, index: DatasetIndex, gts: dict, upsample: str) -> float | None:
+    """Dataset-level foreground IoU of the mined masks (``masks.zarr``) on the images of ``gts``."""
+    masks, attrs = store.RaggedStore(masks_path), store.RaggedStore(features_path).attrs
+    by_id, grids, fg = index.by_id, masks.read("grid"), ForegroundIoU()
+    for i, image_id in enumerate(masks.read("image_id")):
+        if int(image_id) in gts:
+            e = by_id[int(image_id)]
+            g = geometry(e.height, e.width, attrs["short_side"], attrs["backbone"]["patch_size"], attrs["fit"])
+            fg.update(token_mask_to_pixels(masks.rows("token_mask", i).reshape(grids[i]), g, upsample), gts[e.id])
+    return fg.result()["iou"]
+
+
+def crf_available() -> bool:
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def main(args, params) -> None:
-    ev = params.evaluate
+    ev, d = params.evaluate, params.deeplab
     device = resolve_device(ev.device)
     index = DatasetIndex.load(args.index)
-    val = [e for e in index.split(params.data.val_split)] if index.has_ground_truth else []
-    gts = {e.id: index.read_semantic(e) for e in val}
-    val = [e for e in val if gts[e.id] is not None]
+    val, val_gts = index.labelled(params.data.val_split)
     if not val:
         note = f"no ground truth in split {params.data.val_split!r}: nothing to score (the artifacts are still there)"
         write_empty(args.out, note)
         log("evaluate", note)
         return
-    ids = {e.id for e in val}
+    gts = {e.id: g for e, g in zip(val, val_gts, strict=True)}
     n_gt, ignore = len(index.classes), index.ignore_index
     pseudo = coco.read_json(args.pseudo_labels / "instances.json")
     k = len(pseudo["categories"])
@@ -98,39 +117,45 @@ def main(args, params) -> None:
         row.pop("per_class_iou")
         return row
 
-    pseudo_anns = group_by_image(pseudo["annotations"])
+    def rasterised(anns: list[dict]) -> dict[int, np.ndarray]:
+        by_image = group_by_image(anns)
+        return {e.id: rasterise_annotations(by_image.get(e.id, []), e.height, e.width) for e in val}
+
     preds = coco.read_json(args.maskrcnn / "predictions.json")
-    pred_anns = group_by_image([p for p in preds if p["score"] >= ev.maskrcnn_score])
     rows = {
-        "1 mined masks + K-means": score(
-            {e.id: rasterise_annotations(pseudo_anns.get(e.id, []), e.height, e.width) for e in val}, k + 1
-        ),
-        "2 + Mask R-CNN": score(
-            {e.id: rasterise_annotations(pred_anns.get(e.id, []), e.height, e.width) for e in val}, k + 1
-        ),
-        "3 + confidence filter": score(semantic_rows(args.semantic, ids), k + 1),
-        "4 + DeepLab-v3": score(semantic_rows(args.deeplab / "predictions.zarr", ids), k + 1),
+        "1 mined masks + K-means": score(rasterised(pseudo["annotations"]), k + 1),
+        "2 + Mask R-CNN": score(rasterised([p for p in preds if p["score"] >= ev.maskrcnn_score]), k + 1),
+        "3 + confidence filter": score(semantic_rows(args.semantic, set(gts)), k + 1),
+        "4 + DeepLab-v3": score(semantic_rows(args.deeplab / "predictions.zarr", set(gts)), k + 1),
     }
+    if index.classes[0].lower() == "background":
+        rows["1 mined masks + K-means"]["mask_fg_iou"] = mined_mask_fg_iou(
+            args.masks, args.features, index, gts, params.mining.upsample
+        )
     ckpt = torch.load(args.deeplab / "model.pt", map_location="cpu", weights_only=False)
-    d = params.deeplab
     model = build_deeplab(ckpt["num_classes"], d.backbone, d.output_stride, d.aspp_rates, d.freeze_blocks)
     model.load_state_dict(ckpt["model"])
     model.eval().to(device)
-    if ev.crf:
+    if ev.crf and crf_available():
         crf_maps = {}
         for e in tqdm(val, desc="crf", mininterval=1.0):
             image = read_image(e)
-            _, logits = predict_semantic(model, torch.from_numpy(image).permute(2, 0, 1), device, return_logits=True)
+            _, logits = predict_semantic(
+                model, torch.from_numpy(image).permute(2, 0, 1), device, return_logits=True, input_size=d.crop_size
+            )
             crf_maps[e.id] = dense_crf(image, logits)
         rows["5 + CRF"] = score(crf_maps, ckpt["num_classes"])
+    elif ev.crf:
+        rows["5 + CRF"] = {"note": "skipped: pydensecrf is not installed (pip install pydensecrf2)"}
 
-    gt_instances = coco.read_json(index.instances) if index.instances else None
     instances = {}
-    if gt_instances:
+    if index.instances:
+        ids = set(gts)
+        gt = coco.read_json(index.instances)
         gt_val = {
-            **gt_instances,
-            "images": [im for im in gt_instances["images"] if im["id"] in ids],
-            "annotations": [a for a in gt_instances["annotations"] if a["image_id"] in ids],
+            **gt,
+            "images": [im for im in gt["images"] if im["id"] in ids],
+            "annotations": [a for a in gt["annotations"] if a["image_id"] in ids],
         }
         mined_results = [{**a, "score": 1.0} for a in pseudo["annotations"] if a["image_id"] in ids]
         for name, results in (("mined_masks", mined_results), ("maskrcnn", [p for p in preds if p["image_id"] in ids])):
@@ -138,18 +163,19 @@ def main(args, params) -> None:
                 ap = class_agnostic_mask_ap(gt_val, results, mode)
                 instances[f"{name}_{mode}"] = {"AP": ap["AP"], "AP50": ap["AP50"]}
 
-    train = [e for e in index.split(params.data.train_split) if index.read_semantic(e) is not None]
-    linear = linear_protocols(model, index, train, val, n_gt, ev, device) if train else {}
+    train, train_gts = index.labelled(params.data.train_split)
+    linear = (
+        linear_protocols(model, train, train_gts, val, val_gts, n_gt, ignore, ev, device, d.crop_size) if train else {}
+    )
 
     baselines = {}
     if ev.baselines:
         baselines["all one class"] = score({e.id: np.zeros((e.height, e.width), np.int64) for e in val}, 1)
         raw = raw_pixel_kmeans_labels([read_image(e) for e in val], n_gt, ev.seed, ev.raw_kmeans_pixels)
         baselines["K-means on raw pixels"] = score({e.id: r for e, r in zip(val, raw, strict=True)}, n_gt)
-        if args.backbone_metrics.exists():
-            baselines["random-init ViT, mined + K-means"] = json.loads(args.backbone_metrics.read_text())[
-                "random_init_front_half"
-            ]
+        backbone = json.loads(args.backbone_metrics.read_text()) if args.backbone_metrics.exists() else {}
+        if "random_init_front_half" in backbone:
+            baselines["random-init ViT, mined + K-means"] = backbone["random_init_front_half"]
 
     args.out.mkdir(parents=True, exist_ok=True)
     for name, value in (("table1", rows), ("instances", instances), ("linear", linear), ("baselines", baselines)):
@@ -166,7 +192,7 @@ def main(args, params) -> None:
         ]
     if linear:
         text += [
-            "\n## Linear evaluation (1x1 conv trained with ground truth on frozen features)\n",
+            "\n## Linear evaluation (1x1 conv trained with ground truth on frozen DeepLab features)\n",
             markdown_table(linear, [("miou", "mIoU"), ("pixel_accuracy", "pixel acc.")]),
         ]
     (args.out / "table.md").write_text("\n".join(text))
@@ -174,5 +200,16 @@ def main(args, params) -> None:
 
 
 if __name__ == "__main__":
-    ap = parser(__doc__, "index", "pseudo_labels", "maskrcnn", "semantic", "deeplab", "backbone_metrics", "out")
+    ap = parser(
+        __doc__,
+        "index",
+        "features",
+        "masks",
+        "pseudo_labels",
+        "maskrcnn",
+        "semantic",
+        "deeplab",
+        "backbone_metrics",
+        "out",
+    )
     run_stage("evaluate", main, ap)

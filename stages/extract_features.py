@@ -39,29 +39,34 @@ def main(args, params) -> None:
         "heads": model.blocks[-1].attn.num_heads,
         "dataset": index.name,
     }
-    digest = params_digest(b, fp, file_digest(args.backbone), [(e.id, e.file) for e in entries])
+    digest = params_digest(
+        b.arch,
+        b.patch_size,
+        b.depth,
+        fp.short_side,
+        fp.fit,
+        file_digest(args.backbone),
+        [(e.id, e.file) for e in entries],
+    )
     writer = store.feature_writer(args.out, grids, model.embed_dim, attrs["heads"], attrs, digest)
     first = next((k for k, bt in enumerate(batches) if bt[0] == writer.done), len(batches))
     if writer.done:
         log("extract_features", f"resuming after {writer.done} of {len(entries)} images")
     bar = tqdm(total=len(entries), initial=writer.done, desc="extract", unit="img", mininterval=1.0)
-    for k, images in F.iterate_batches(entries, geoms, order, batches, first, fp.workers):
-        out = F.run_vit(model, images, device)
-        feats = F.batch_features(out)
-        pos = batches[k]
-        ids = [int(order[p]) for p in pos]
+    for batch in F.forward_images(model, entries, geoms, fp.batch_size, device, fp.workers, first):
+        feats = F.batch_features(batch.out)
         writer.write(
-            pos[0],
+            batch.positions[0],
             {
                 "keys": feats.keys,
                 "cls_logits": feats.cls_logits,
                 "cls_token": feats.cls_token,
-                "grid": grids[pos],
-                "input_size": np.array([geoms[i].resized for i in ids], np.int32),
-                "image_id": np.array([entries[i].id for i in ids], np.int64),
+                "grid": grids[batch.positions],
+                "input_size": np.array([geoms[i].resized for i in batch.indices], np.int32),
+                "image_id": np.array([entries[i].id for i in batch.indices], np.int64),
             },
         )
-        bar.update(len(pos))
+        bar.update(len(batch.positions))
     bar.close()
     writer.finalize()
     log("extract_features", f"{len(entries)} images, {int(writer.offsets[-1])} tokens -> {args.out}")

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from unseg import store
 from unseg.cli import log, parser, run_stage
+from unseg.errors import UserError
 from unseg.mining import MiningConfig, mine_masks
 
 
@@ -34,13 +35,11 @@ def main(args, params) -> None:
     feats = store.RaggedStore(args.features)
     heads = int(feats.attrs["heads"])
     if m.heads is not None and m.heads > heads:
-        from unseg.errors import UserError
-
         raise UserError(f"params.yaml: mining.heads = {m.heads}: the backbone has only {heads} heads")
     grids = feats.read("grid")
     token_mask = np.zeros(int(feats.offsets[-1]), bool)
     source = np.zeros(len(feats), np.int64)
-    for start, stop in tqdm(grid_runs(grids, 256), desc="mine", mininterval=1.0):
+    for start, stop in tqdm(grid_runs(grids, m.batch_size), desc="mine", mininterval=1.0):
         grid = tuple(int(v) for v in grids[start])
         n = grid[0] * grid[1]
         keys = torch.from_numpy(feats.span("keys", start, stop)).view(stop - start, n, -1)

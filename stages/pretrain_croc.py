@@ -76,10 +76,18 @@ def reuse_checkpoint(path: str, digest: str, out: Path) -> None:
     shutil.copy(path, out)
 
 
+def write_empty_outs(args) -> None:
+    """The declared scratch folder and loss log, when nothing is trained (DVC expects every out)."""
+    args.ckpt.mkdir(parents=True, exist_ok=True)
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    args.log.write_text("step,loss\n")
+
+
 def main(args, params) -> None:
     b, c = params.backbone, params.croc
     meta = {"arch": b.arch, "patch_size": b.patch_size, "depth": b.depth}
     if b.weights:
+        write_empty_outs(args)
         model = create_vit(b.arch, b.patch_size, b.depth)
         load_vit_weights(model, b.weights, b.checkpoint_key)
         save_dino_checkpoint(model, args.out, meta={**meta, "source": f"converted from {b.weights}"})
@@ -92,6 +100,7 @@ def main(args, params) -> None:
     digest = training_digest(b, c, entries)
     if c.reuse:
         reuse_checkpoint(c.reuse, digest, args.out)
+        write_empty_outs(args)
         log("pretrain_croc", f"croc.reuse: {c.reuse} was trained with these exact params and data; used as is")
         return
     device = H.resolve_device(c.device)

@@ -1,10 +1,11 @@
 """pseudo_label: a class for every mined mask by K-means over CLS features (MaskDistill Sec. 3.2).
 
-Reads: params ``cluster``; the image index, the backbone checkpoint, ``features.zarr`` (geometry)
-and ``masks.zarr``. Writes ``<out>/instances.json`` (COCO instances: one annotation per non-empty
-mask, RLE at the original resolution, category = cluster + 1) and ``<out>/kmeans.npz`` (centres,
-whitening std, the cluster of every mask). Cluster ids carry no ground truth unless the
-reproduction flag ``cluster.align_to_gt`` is set.
+Reads: params ``cluster`` (and ``mining.upsample``, ``backbone``); the image index, the backbone
+checkpoint, ``features.zarr`` (geometry attributes) and ``masks.zarr``. Writes
+``<out>/instances.json`` (COCO instances: one annotation per non-empty mask, RLE at the original
+resolution, ``category_id`` = cluster + 1) and ``<out>/kmeans.npz`` (centres, whitening std, the
+cluster of every mask). Cluster ids carry no ground truth unless the reproduction flag
+``cluster.align_to_gt`` is set. Inputs are streamed: memory holds one batch of images.
 """
 
 from __future__ import annotations
@@ -34,40 +35,40 @@ def cluster_model(params, backbone_path):
     return model
 
 
+def mined_items(index: DatasetIndex, masks: store.RaggedStore, attrs: dict):
+    """(image id, image, token mask, mining geometry) for every image of ``masks.zarr``, in store order."""
+    by_id = index.by_id
+    grids = masks.read("grid")
+    token_masks = masks.read("token_mask")
+    patch = int(attrs["backbone"]["patch_size"])
+    for i, image_id in enumerate(tqdm(masks.read("image_id"), desc="mask features", mininterval=1.0)):
+        e = by_id[int(image_id)]
+        geom = geometry(e.height, e.width, attrs["short_side"], patch, attrs["fit"])
+        yield e.id, read_image(e), token_masks[masks.offsets[i] : masks.offsets[i + 1]].reshape(grids[i]), geom
+
+
 def main(args, params) -> None:
     c = params.cluster
     device = resolve_device(c.device)
     index = DatasetIndex.load(args.index)
-    by_id = index.by_id
     masks = store.RaggedStore(args.masks)
-    feats_attrs = store.RaggedStore(args.features).attrs
+    attrs = store.RaggedStore(args.features).attrs
     model = cluster_model(params, args.backbone).eval().to(device)
-    patch = int(model.patch_embed.patch_size[0])
-    mine_patch = int(feats_attrs["backbone"]["patch_size"])
-    image_ids = masks.read("image_id")
-    grids = masks.read("grid")
-    token_masks = masks.read("token_mask")
-    inputs, records = [], []
-    for i, image_id in enumerate(tqdm(image_ids, desc="mask inputs", mininterval=1.0)):
-        entry = by_id[int(image_id)]
-        tm = token_masks[masks.offsets[i] : masks.offsets[i + 1]].reshape(grids[i])
-        geom = geometry(entry.height, entry.width, feats_attrs["short_side"], mine_patch, feats_attrs["fit"])
-        x, pixel_mask = clustering.mask_input(read_image(entry), tm, geom, c.input, patch, params.mining.upsample)
-        if x is not None:
-            inputs.append(x)
-            records.append((int(image_id), pixel_mask))
+    feats, anns = clustering.mask_features(
+        model, mined_items(index, masks, attrs), c.input, device, c.batch_size, params.mining.upsample
+    )
     k = c.classes * c.overcluster
-    if len(records) < k:
+    if len(anns) < k:
         raise UserError(
-            f"only {len(records)} non-empty masks for k = {k} clusters; "
+            f"only {len(anns)} non-empty masks for k = {k} clusters; "
             "lower cluster.classes/overcluster or use more images"
         )
-    feats = clustering.cls_features(model, inputs, device, c.batch_size)
-    km, std = clustering.cluster_features(feats, k, c.seed, c.whiten, c.algorithm, c.kmeans_batch_size)
-    labels = km.labels
+    km, std = clustering.assign_clusters(feats, anns, k, c.seed, c.whiten, c.algorithm, c.kmeans_batch_size)
     if c.align_to_gt:
-        labels = _align_to_gt(index, records, labels, k)
-    anns = [coco.annotation(n + 1, image_id, int(labels[n]) + 1, m) for n, (image_id, m) in enumerate(records)]
+        if not index.instances:
+            raise UserError("cluster.align_to_gt needs ground-truth instances, which this dataset has not")
+        anns = clustering.align_to_ground_truth(anns, index.gt_instances, k, len(index.classes) - 1)
+        log("pseudo_label", "cluster.align_to_gt: cluster ids replaced by ground-truth classes (reproduction only)")
     out = {
         "images": [{"id": e.id, "file_name": e.file, "height": e.height, "width": e.width} for e in index.images],
         "annotations": anns,
@@ -79,37 +80,11 @@ def main(args, params) -> None:
         args.out / "kmeans.npz",
         centers=km.centers,
         std=std,
-        labels=labels,
-        image_ids=np.array([r[0] for r in records]),
+        labels=km.labels,
+        image_ids=np.array([a["image_id"] for a in anns]),
     )
-    counts = np.bincount(labels, minlength=k)
-    log("pseudo_label", f"{len(records)} masks in {k} clusters (sizes {counts.tolist()}) -> {args.out}")
-
-
-def _align_to_gt(index, records, labels, k) -> np.ndarray:
-    """Reproduction of the released code: relabel clusters with GT classes (object-level Hungarian on box IoU)."""
-    from unseg.evaluation.metrics import hungarian_mapping, majority_mapping
-
-    if not index.instances:
-        raise UserError("cluster.align_to_gt needs ground-truth instances, which this dataset has not")
-    gt = index._gt_instances
-    n_cls = len(index.classes)
-    votes = np.zeros((k, n_cls), np.int64)
-    for (image_id, mask), lab in zip(records, labels, strict=True):
-        box = coco.mask_bbox(mask)
-        best = max(gt.get(image_id, []), key=lambda a: _box_iou(box, a["bbox"]), default=None)
-        if best is not None:
-            votes[lab, best["category_id"]] += 1
-    mapping = hungarian_mapping(votes) if k <= n_cls else majority_mapping(votes)
-    return np.where(mapping[labels] >= 0, mapping[labels] - 1, labels)
-
-
-def _box_iou(a, b) -> float:
-    ax1, ay1, ax2, ay2 = a[0], a[1], a[0] + a[2], a[1] + a[3]
-    bx1, by1, bx2, by2 = b[0], b[1], b[0] + b[2], b[1] + b[3]
-    iw, ih = max(0.0, min(ax2, bx2) - max(ax1, bx1)), max(0.0, min(ay2, by2) - max(ay1, by1))
-    inter = iw * ih
-    return inter / max(a[2] * a[3] + b[2] * b[3] - inter, 1e-9)
+    counts = np.bincount(km.labels, minlength=k)
+    log("pseudo_label", f"{len(anns)} masks in {k} clusters (sizes {counts.tolist()}) -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ ground-truth labels) keeps the epoch with the best validation mIoU instead, like
 
 from __future__ import annotations
 
-import copy
 import shutil
 from pathlib import Path
 
@@ -27,11 +26,11 @@ from unseg.evaluation.report import score_label_maps
 from unseg.train import harness as H
 
 
-def predict_all(model, entries, device, amp) -> list[np.ndarray]:
+def predict_all(model, entries, device, amp, input_size) -> list[np.ndarray]:
     out = []
     for e in tqdm(entries, desc="predict", mininterval=1.0):
         image = torch.from_numpy(read_image(e)).permute(2, 0, 1)
-        out.append(predict_semantic(model, image, device, amp=amp).numpy().astype(np.uint8))
+        out.append(predict_semantic(model, image, device, amp=amp, input_size=input_size).numpy().astype(np.uint8))
     return out
 
 
@@ -57,8 +56,17 @@ def main(args, params) -> None:
         p.flip_p,
         p.label_fill,
         p.seed,
+        num_classes=k + 1,
     )
-    best = {"miou": -1.0, "state": None, "epoch": None}
+    runtime = {"device", "workers", "ckpt_every"}
+    digest = H.params_digest(
+        {key: v for key, v in vars(p).items() if key not in runtime},
+        H.file_digest(args.semantic),
+        k,
+        [e.id for e in entries],
+    )
+    ckpt = H.CheckpointDir(args.ckpt, digest, info.is_main)
+    best_file = ckpt.path / "best.pt"  # in the digest-guarded folder, so it survives an interruption
     on_epoch_end = None
     if p.select_best_on_val:
         val = [e for e in index.split(params.data.val_split)] if index.has_ground_truth else []
@@ -66,18 +74,17 @@ def main(args, params) -> None:
             raise UserError("deeplab.select_best_on_val needs a validation split with ground truth")
 
         def on_epoch_end(epoch: int) -> None:
-            preds = predict_all(model, val, device, p.amp)
+            preds = predict_all(model, val, device, p.amp, p.crop_size)
             score = score_label_maps(
                 zip(preds, (index.read_semantic(e) for e in val), strict=True),
                 k + 1,
                 len(index.classes),
                 index.ignore_index,
             )["miou"]
-            if score > best["miou"]:
-                best.update(miou=score, state=copy.deepcopy(model.state_dict()), epoch=epoch)
+            best = torch.load(best_file, weights_only=False) if best_file.exists() else {"miou": -1.0}
+            if score > best["miou"] and info.is_main:
+                torch.save({"miou": score, "epoch": epoch, "state": model.state_dict()}, best_file)
 
-    digest = H.params_digest(p, H.file_digest(args.semantic), k, [e.id for e in entries])
-    ckpt = H.CheckpointDir(args.ckpt, digest, info.is_main)
     ran = train_deeplab(
         model,
         batches,
@@ -103,13 +110,14 @@ def main(args, params) -> None:
     )
     if not info.is_main:
         return
-    if best["state"] is not None:
+    if p.select_best_on_val and best_file.exists():
+        best = torch.load(best_file, weights_only=False)
         model.load_state_dict(best["state"])
         log("train_deeplab", f"select_best_on_val: keeping epoch {best['epoch']} (val mIoU {best['miou']:.3f})")
     log("train_deeplab", f"{ran} steps run now; predicting on {len(index.images)} images")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "num_classes": k + 1, "backbone": p.backbone}, args.out / "model.pt")
-    preds = predict_all(model, index.images, device, p.amp)
+    preds = predict_all(model, index.images, device, p.amp, p.crop_size)
     store.write_semantic(
         args.out / "predictions.zarr",
         np.array([e.id for e in index.images]),

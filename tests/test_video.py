@@ -11,7 +11,6 @@ from unseg.errors import UserError
 from unseg.evaluation.video import (
     boundary_f,
     boundary_map,
-    dino_frame_size,
     disk,
     evaluate_sequence,
     neighbourhood_mask,
@@ -261,8 +260,3 @@ def test_davis_reader_errors(tmp_path):
     (tmp_path / "Annotations/480p/bear/00000.png").unlink()
     with pytest.raises(UserError, match="first frame"):
         read_davis_sequences(tmp_path)
-
-
-def test_dino_frame_size():
-    assert dino_frame_size(480, 854) == (480, 832)
-    assert dino_frame_size(854, 480) == (832, 480)

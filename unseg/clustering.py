@@ -14,11 +14,13 @@ Cluster ids are label-free; ground truth enters only in evaluation (or the ``ali
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from unseg import coco
 from unseg.data.transforms import (
     Geometry,
     fit_canvas,
@@ -128,29 +130,87 @@ def kmeans(x: np.ndarray, k: int, seed: int, algorithm: str = "minibatch", batch
     raise ValueError(f"unknown K-means algorithm {algorithm!r}")
 
 
-def assign(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    """Nearest centre (Euclidean) of each row."""
-    d = (x**2).sum(1, keepdims=True) - 2 * x @ centers.T + (centers**2).sum(1)
-    return d.argmin(1)
-
-
-def semantic_from_mask(pixel_mask: np.ndarray, cluster: int) -> np.ndarray:
-    """(H, W) uint8 label map of a pseudo-label: 0 outside the mask, cluster + 1 inside."""
-    return (pixel_mask.astype(np.uint8) * np.uint8(cluster + 1)).astype(np.uint8)
-
-
 @torch.no_grad()
-def cls_features(
-    model: torch.nn.Module, inputs: list[torch.Tensor], device: torch.device, batch_size: int
-) -> np.ndarray:
-    """CLS tokens (after the final norm) of a list of inputs; same-shaped inputs are batched together."""
-    out = np.zeros((len(inputs), model.embed_dim), np.float32)
-    by_shape: dict[tuple, list[int]] = {}
-    for i, x in enumerate(inputs):
-        by_shape.setdefault(tuple(x.shape), []).append(i)
-    for idx in by_shape.values():
-        for s in range(0, len(idx), batch_size):
-            chunk = idx[s : s + batch_size]
-            x = torch.stack([inputs[i] for i in chunk]).to(device)
-            out[chunk] = model.forward_features(x)[:, 0].float().cpu().numpy()
+def mask_features(
+    model: torch.nn.Module,
+    items: Iterable[tuple[int, np.ndarray, np.ndarray, Geometry]],
+    mode: str,
+    device: torch.device,
+    batch_size: int = 32,
+    upsample: str = "nearest",
+) -> tuple[np.ndarray, list[dict]]:
+    """One CLS feature per non-empty mined mask, streamed: memory holds one batch of inputs at a time.
+
+    ``items`` yields (image id, image (H, W, 3) uint8, token mask on the mining grid, mining geometry).
+    Consecutive inputs of one shape share a batch. Returns features (M, D) float32 (the CLS token after
+    the final norm) and M COCO annotations of the masks at the original resolution (``category_id`` 0
+    until :func:`assign_clusters`).
+    """
+    patch = int(model.patch_embed.patch_size[0])
+    feats: list[np.ndarray] = []
+    anns: list[dict] = []
+    pending: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if pending:
+            x = torch.stack(pending).to(device)
+            feats.append(model.forward_features(x)[:, 0].float().cpu().numpy())
+            pending.clear()
+
+    for image_id, image, token_mask, geom in items:
+        x, pixel_mask = mask_input(image, token_mask, geom, mode, patch, upsample)
+        if x is None:
+            continue
+        if pending and (x.shape != pending[0].shape or len(pending) == batch_size):
+            flush()
+        pending.append(x)
+        anns.append(coco.annotation(len(anns) + 1, image_id, 0, pixel_mask))
+    flush()
+    dim = int(model.embed_dim)
+    return (np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)), anns
+
+
+def assign_clusters(
+    features: np.ndarray,
+    anns: list[dict],
+    k: int,
+    seed: int,
+    whiten: bool = True,
+    algorithm: str = "minibatch",
+    batch_size: int = 1000,
+) -> tuple[KMeansResult, np.ndarray]:
+    """K-means over the mask features; writes ``category_id = cluster + 1`` into ``anns``. Returns (result, std)."""
+    km, std = cluster_features(features, k, seed, whiten, algorithm, batch_size)
+    for ann, label in zip(anns, km.labels, strict=True):
+        ann["category_id"] = int(label) + 1
+    return km, std
+
+
+def align_to_ground_truth(
+    anns: list[dict], gt_instances: dict[int, list[dict]], k: int, n_object_classes: int
+) -> list[dict]:
+    """Reproduction of the released ``utils/cluster.py``: relabel clusters with ground-truth classes.
+
+    Each mask votes for the class of the GT instance with the largest box IoU in its image; clusters are
+    matched to object classes 1..C by the Hungarian algorithm (k == C) or by majority (k > C). Clusters
+    left unmatched keep no class and their masks are dropped. Used only with ``cluster.align_to_gt``.
+    """
+    from unseg.evaluation.instances import box_iou_xyxy
+    from unseg.evaluation.metrics import hungarian_mapping, majority_mapping
+
+    def xyxy(b):
+        return np.array([b[0], b[1], b[0] + b[2], b[1] + b[3]], np.float64)
+
+    votes = np.zeros((k, n_object_classes), np.int64)
+    for ann in anns:
+        cands = gt_instances.get(ann["image_id"], [])
+        if cands:
+            ious = box_iou_xyxy(xyxy(ann["bbox"]), np.stack([xyxy(c["bbox"]) for c in cands]))
+            votes[ann["category_id"] - 1, cands[int(np.argmax(ious))]["category_id"] - 1] += 1
+    mapping = hungarian_mapping(votes) if k <= n_object_classes else majority_mapping(votes)
+    out = []
+    for ann in anns:
+        cls = int(mapping[ann["category_id"] - 1])
+        if cls >= 0:
+            out.append({**ann, "category_id": cls + 1})
     return out

@@ -30,6 +30,22 @@ def decode_rle(rle: dict) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
+def to_rle(segmentation, height: int, width: int) -> dict:
+    """Polygons, uncompressed or compressed RLE (str or bytes counts) -> compressed RLE with bytes counts
+    (the form pycocotools' ``decode``/``iou``/``COCOeval`` take)."""
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation.get("counts"), list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    counts = segmentation["counts"]
+    return {"size": list(segmentation["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
+    """(H, W) bool mask of any COCO segmentation (polygons or RLE)."""
+    return mask_utils.decode(to_rle(segmentation, height, width)).astype(bool)
+
+
 def mask_bbox(mask: np.ndarray) -> list[float]:
     """XYWH box of the True pixels of ``mask`` (COCO convention), zeros for an empty mask."""
     ys, xs = np.nonzero(mask)

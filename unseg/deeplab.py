@@ -21,10 +21,8 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from unseg.errors import UserError
 from unseg.models.resnet import create_resnet, load_resnet_weights, resnet_stage_channels
-from unseg.train.harness import autocast, unwrap
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from unseg.models.vit import IMAGENET_MEAN, IMAGENET_STD
+from unseg.train.harness import autocast, uniform, unwrap
 
 _DILATION_FOR_STRIDE = {8: (False, True, True), 16: (False, False, True), 32: (False, False, False)}
 _STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -157,10 +155,6 @@ def _to_hwc_numpy(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)
 
 
-def _uniform(gen: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * float(torch.rand((), generator=gen, dtype=torch.float64))
-
-
 def train_augment(
     image: torch.Tensor | np.ndarray,
     label: torch.Tensor | np.ndarray,
@@ -191,8 +185,8 @@ def train_augment(
     if lab.shape != img.shape[:2]:
         raise UserError(f"label shape {lab.shape} differs from image shape {img.shape[:2]}")
     flip = float(torch.rand((), generator=gen)) < flip_p
-    angle = _uniform(gen, -max_rotation, max_rotation)
-    scale = _uniform(gen, *scale_range)
+    angle = uniform(gen, -max_rotation, max_rotation)
+    scale = uniform(gen, *scale_range)
     if flip:
         img, lab = img[:, ::-1], lab[:, ::-1]
     h, w = lab.shape
@@ -249,16 +243,21 @@ def predict_semantic(
     device: torch.device,
     return_logits: bool = False,
     amp: bool = False,
+    input_size: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Argmax class map (H, W) int64 of one image (3, H, W) (uint8 or float [0, 1]) at its own resolution.
 
-    The released evaluation runs on the original resolution (paper App. A.3). With ``return_logits``
+    With ``input_size`` the image is resized to the training resolution first and the logits are
+    upsampled back (bilinear), so objects have the scale the model was trained on; the score is always
+    computed at the original resolution (paper App. A.3). With ``return_logits``
     also returns the (C, H, W) float32 logits (e.g. for a CRF). Results are on the CPU.
     """
     model.eval()
-    x = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+    x = _model_input(image, input_size).to(device)
     with autocast(device, amp):
-        logits = model(x[None].to(device))[0].float()
+        logits = model(x)[0].float()
+    if logits.shape[-2:] != image.shape[-2:]:
+        logits = F.interpolate(logits[None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
     pred = logits.argmax(0).cpu()
     return (pred, logits.cpu()) if return_logits else pred
 
@@ -279,8 +278,11 @@ class SemanticBatches:
         flip_p: float,
         label_fill: int,
         seed: int,
+        num_classes: int | None = None,
     ):
-        self.images, self.labels = images, labels  # callables: index -> uint8 (H, W, 3) / uint8 (H, W)
+        self.images, self.labels = images, labels  # callables: index -> (3, H, W) image / (H, W) labels
+        self.num_classes = num_classes  # when given, every label map is checked once against it
+        self.checked: set[int] = set()
         self.kw = dict(
             crop_size=crop_size,
             scale_range=scale_range,
@@ -290,20 +292,21 @@ class SemanticBatches:
         )
         self.seed = seed
 
+    def label(self, i: int) -> torch.Tensor:
+        lab = torch.as_tensor(np.asarray(self.labels(i)))
+        if self.num_classes is not None and i not in self.checked:
+            check_labels(lab, self.num_classes)
+            self.checked.add(i)
+        return lab
+
     def __call__(self, indices: Sequence[int], step: int):
         from unseg.train.harness import generator, step_seed
 
         pairs = [
-            train_augment(self.images(i), self.labels(i), generator(step_seed(self.seed, step, 1000 + i)), **self.kw)
+            train_augment(self.images(i), self.label(i), generator(step_seed(self.seed, step, 1000 + i)), **self.kw)
             for i in indices
         ]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-
-
-def step_lr_by_epoch(step: int, steps_per_epoch: int, base: float, step_epochs: Sequence[int], gamma: float) -> float:
-    """Released schedule: lr x gamma after each epoch in ``step_epochs`` (paper: 2e-3 -> 2e-4 after 40 of 45)."""
-    epoch = step // steps_per_epoch
-    return base * gamma ** sum(epoch >= e for e in step_epochs)
 
 
 def train_deeplab(
@@ -345,7 +348,7 @@ def train_deeplab(
     data = H.StepBatches(n_images, batch_size, seed, batches, info)
 
     def step_fn(step: int, batch) -> dict[str, float]:
-        cur = step_lr_by_epoch(step, steps_per_epoch, lr, step_epochs, gamma)
+        cur = H.step_decay(lr, step // steps_per_epoch, step_epochs, gamma)  # released: x0.1 after epoch 40 of 45
         for g in opt.param_groups:
             g["lr"] = cur
         images, labels = batch
@@ -356,7 +359,7 @@ def train_deeplab(
 
     return H.train_loop(
         step_fn,
-        None,
+        lambda start: H.step_loader(data, start, total, workers),
         {"model": model, "optimizer": opt},
         total,
         ckpt,
@@ -365,13 +368,21 @@ def train_deeplab(
         seed,
         info,
         desc="deeplab",
-        make_batches=lambda start: H.step_loader(data, start, total, workers),
     )
+
+
+def _model_input(image: torch.Tensor, input_size: int | None) -> torch.Tensor:
+    """(3, H, W) uint8/float image -> (1, 3, h, w) float in [0, 1], resized to input_size^2 when given
+    (the training resolution: the released code trains and tests at a fixed 512 x 512)."""
+    x = (image.float() / 255.0 if image.dtype == torch.uint8 else image.float())[None]
+    if input_size is not None:
+        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True)
+    return x
 
 
 @torch.no_grad()
 def deeplab_features(
-    model: DeepLabV3, image: torch.Tensor, device: torch.device, where: str = "backbone"
+    model: DeepLabV3, image: torch.Tensor, device: torch.device, where: str = "backbone", input_size: int | None = None
 ) -> torch.Tensor:
     """(D, h, w) frozen features of one image (3, H, W) for the linear protocols.
 
@@ -380,7 +391,7 @@ def deeplab_features(
     re-fits). Both at the model's output stride.
     """
     model.eval()
-    x = (image.float() / 255.0 if image.dtype == torch.uint8 else image.float())[None].to(device)
+    x = _model_input(image, input_size).to(device)
     feats = model.backbone((x - model.mean) / model.std)["out"]
     if where == "head":
         for layer in list(model.head)[:4]:

@@ -87,14 +87,33 @@ def batch_features(out: ViTOutput) -> BatchFeatures:
     )
 
 
-@torch.no_grad()
-def run_vit(model: torch.nn.Module, images: torch.Tensor, device: torch.device, amp: bool = True) -> ViTOutput:
-    """One inference batch; bf16 autocast on CUDA when ``amp``."""
-    from unseg.train.harness import autocast
-
-    with autocast(device, amp):
-        return forward_with_qk(model, images.to(device, non_blocking=True))
-
-
 def geometries(entries: Sequence[ImageEntry], short_side: int | None, patch: int, fit: str) -> list[Geometry]:
     return [geometry(e.height, e.width, short_side, patch, fit) for e in entries]
+
+
+@dataclass
+class ForwardBatch:
+    number: int  # batch number in the plan
+    positions: list[int]  # positions in the grid-sorted order (rows of a store written in that order)
+    indices: list[int]  # indices into ``entries``
+    out: ViTOutput
+
+
+@torch.no_grad()
+def forward_images(
+    model: torch.nn.Module,
+    entries: Sequence[ImageEntry],
+    geoms: Sequence[Geometry],
+    batch_size: int,
+    device: torch.device,
+    workers: int = 0,
+    start_batch: int = 0,
+) -> Iterator[ForwardBatch]:
+    """The ViT on every image, batched by token grid, in float32 (bf16 would change the signs that mining
+    tests, so mined masks would depend on the device). Images are decoded in ``workers`` processes."""
+    order = plan_order(geoms)
+    batches = plan_batches(geoms, order, batch_size)
+    for k, images in iterate_batches(entries, geoms, order, batches, start_batch, workers):
+        positions = batches[k]
+        out = forward_with_qk(model, images.to(device, non_blocking=True))
+        yield ForwardBatch(k, positions, [int(order[p]) for p in positions], out)

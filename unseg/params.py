@@ -133,6 +133,7 @@ class Mining:
     topk_fraction: float = p(0.4, lo=0, hi=1, lo_open=True)  # |P| / number of patches (paper: 40%)
     keep_component: bool = p(True)  # keep only the 4-connected component holding the source
     upsample: str = p("nearest", choices=("nearest", "pil_bicubic"))  # token mask -> image resolution
+    batch_size: int = p(256, lo=1)  # images (of one token grid) mined together
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,7 @@ class Deeplab:
     scale_max: float = p(1.25, lo=0, lo_open=True)
     max_rotation: float = p(5.0, lo=0)
     flip_p: float = p(0.5, lo=0, hi=1)
-    label_fill: int = p(255, lo=0, hi=255)  # label of pixels outside the warped image (released: 0)
+    label_fill: int = p(255, choices=(0, 255))  # label of pixels outside the warped image (released: 0)
     ohem_fraction: float = p(0.2, lo=0, hi=1, lo_open=True)  # hard pixel mining: top 20% (1.0 = plain CE)
     ohem_count: str = p("all", choices=("all", "valid"))
     select_best_on_val: bool = p(False)  # reproduction only: keep the epoch with the best val mIoU (uses labels)
@@ -379,7 +380,3 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from err
     return parse_params(raw)
-
-
-def to_dict(params) -> dict:
-    return dataclasses.asdict(params)

@@ -15,7 +15,7 @@ import torch
 from unseg import clustering
 from unseg.data.index import ImageEntry, read_image
 from unseg.data.transforms import Geometry
-from unseg.features import geometries, iterate_batches, plan_batches, plan_order, run_vit
+from unseg.features import forward_images, geometries
 from unseg.mining import MiningConfig, mine_masks
 
 
@@ -26,7 +26,6 @@ class MinedImage:
     token_mask: np.ndarray  # (gh, gw) bool
 
 
-@torch.no_grad()
 def mine_images(
     model: torch.nn.Module,
     entries: Sequence[ImageEntry],
@@ -37,25 +36,14 @@ def mine_images(
     batch_size: int = 32,
 ) -> list[MinedImage]:
     """One mined token mask per image, in the order of ``entries``."""
-    patch = int(model.patch_embed.patch_size[0])
-    geoms = geometries(entries, short_side, patch, fit)
-    order = plan_order(geoms)
-    batches = plan_batches(geoms, order, batch_size)
+    geoms = geometries(entries, short_side, int(model.patch_embed.patch_size[0]), fit)
     out: list[MinedImage | None] = [None] * len(entries)
-    for k, images in iterate_batches(entries, geoms, order, batches):
-        vo = run_vit(model, images, device)
+    for batch in forward_images(model, entries, geoms, batch_size, device):
+        vo = batch.out
         mined = mine_masks(vo.cls_logits, vo.patch_keys, vo.grid, cfg)
-        for row, pos in enumerate(batches[k]):
-            i = int(order[pos])
+        for row, i in enumerate(batch.indices):
             out[i] = MinedImage(entries[i], geoms[i], mined.mask[row].view(vo.grid).cpu().numpy())
     return out  # type: ignore[return-value]
-
-
-@dataclass
-class LabelledMask:
-    image_id: int
-    pixel_mask: np.ndarray  # (H, W) bool at the original resolution
-    cluster: int
 
 
 def cluster_mined(
@@ -69,15 +57,10 @@ def cluster_mined(
     algorithm: str = "minibatch",
     upsample: str = "nearest",
     batch_size: int = 32,
-) -> list[LabelledMask]:
-    """K-means over the CLS features of the non-empty mined masks (empty masks are dropped)."""
-    patch = int(model.patch_embed.patch_size[0])
-    inputs, kept = [], []
-    for m in mined:
-        x, pixel_mask = clustering.mask_input(read_image(m.entry), m.token_mask, m.geom, input_mode, patch, upsample)
-        if x is not None:
-            inputs.append(x)
-            kept.append((m.entry.id, pixel_mask))
-    feats = clustering.cls_features(model, inputs, device, batch_size)
-    km, _ = clustering.cluster_features(feats, k, seed, whiten, algorithm)
-    return [LabelledMask(i, pm, int(c)) for (i, pm), c in zip(kept, km.labels, strict=True)]
+    kmeans_batch_size: int = 1000,
+) -> list[dict]:
+    """K-means over the CLS features of the non-empty mined masks: COCO annotations, category = cluster + 1."""
+    items = ((m.entry.id, read_image(m.entry), m.token_mask, m.geom) for m in mined)
+    feats, anns = clustering.mask_features(model, items, input_mode, device, batch_size, upsample)
+    clustering.assign_clusters(feats, anns, k, seed, whiten, algorithm, kmeans_batch_size)
+    return anns

@@ -88,8 +88,18 @@ def texture(kind: str, h: int, w: int, cx: float, cy: float, rng: np.random.Gene
     raise ValueError(kind)
 
 
-def cluttered_background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    """(H, W, 3) float image: smooth coloured noise plus random strokes and blobs (no periodic texture)."""
+def desaturate(colour: np.ndarray, keep: float) -> np.ndarray:
+    """Move colours towards their grey level: ``keep`` = 1 leaves them, 0 makes them grey."""
+    grey = colour.mean(axis=-1, keepdims=True)
+    return grey + keep * (colour - grey)
+
+
+def cluttered_background(h: int, w: int, rng: np.random.Generator, saturation: float = 0.3) -> np.ndarray:
+    """(H, W, 3) float image: smooth noise plus random strokes and blobs (no periodic texture).
+
+    Clutter is muted (colours desaturated to ``saturation``), as backgrounds of natural photos tend to be;
+    object colours stay fully random, so colour still says nothing about an object's category.
+    """
     img = np.empty((h, w, 3), np.float32)
     base = _random_colour(rng)
     for c in range(3):
@@ -104,7 +114,7 @@ def cluttered_background(h: int, w: int, rng: np.random.Generator) -> np.ndarray
     for _ in range(rng.integers(2, 6)):  # soft blobs
         x0, y0, rad = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(3, 9)
         img[(xx - x0) ** 2 + (yy - y0) ** 2 <= rad**2] = _random_colour(rng)
-    return img
+    return desaturate(img, saturation)
 
 
 def render_image(
@@ -120,9 +130,9 @@ def render_image(
     side = min(h, w)
     for _ in range(n):
         for _attempt in range(30):
-            r = rng.uniform(0.17, 0.3) * side
+            r = rng.uniform(0.22, 0.38) * side
             cx, cy = rng.uniform(r * 0.8, w - r * 0.8), rng.uniform(r * 0.8, h - r * 0.8)
-            if all(np.hypot(cx - x, cy - y) > 0.85 * (r + rr) for x, y, rr in placed):
+            if all(np.hypot(cx - x, cy - y) > 0.75 * (r + rr) for x, y, rr in placed):
                 break
         else:
             continue

@@ -67,6 +67,14 @@ class DatasetIndex:
     def split(self, name: str | None) -> list[ImageEntry]:
         return [e for e in self.images if name is None or e.split == name]
 
+    def labelled(self, split: str | None) -> tuple[list[ImageEntry], list[np.ndarray]]:
+        """The images of ``split`` that have semantic ground truth, and their label maps."""
+        if not split or not self.has_ground_truth:
+            return [], []
+        pairs = [(e, self.read_semantic(e)) for e in self.split(split)]
+        pairs = [(e, g) for e, g in pairs if g is not None]
+        return [e for e, _ in pairs], [g for _, g in pairs]
+
     @property
     def has_ground_truth(self) -> bool:
         return self.classes is not None
@@ -76,7 +84,8 @@ class DatasetIndex:
         return {e.id: e for e in self.images}
 
     @cached_property
-    def _gt_instances(self) -> dict[int, list[dict]]:
+    def gt_instances(self) -> dict[int, list[dict]]:
+        """Ground-truth COCO annotations per image id (empty without an instances json)."""
         per_image: dict[int, list[dict]] = {}
         if self.instances:
             for ann in coco.read_json(self.instances)["annotations"]:
@@ -101,27 +110,21 @@ class DatasetIndex:
         return lab
 
     def _semantic_from_instances(self, entry: ImageEntry) -> np.ndarray:
-        from pycocotools import mask as mask_utils
-
         lab = np.zeros((entry.height, entry.width), np.uint8)
-        for ann in sorted(self._gt_instances.get(entry.id, []), key=lambda a: -a.get("area", 0)):
-            seg = ann["segmentation"]
-            if isinstance(seg, list):
-                rle = mask_utils.merge(mask_utils.frPyObjects(seg, entry.height, entry.width))
-                m = mask_utils.decode(rle).astype(bool)
-            else:
-                m = coco.decode_rle(seg)
+        for ann in sorted(self.gt_instances.get(entry.id, []), key=lambda a: -a.get("area", 0)):
+            m = coco.decode_segmentation(ann["segmentation"], entry.height, entry.width)
             lab[m] = self.ignore_index if ann.get("iscrowd", 0) else ann["category_id"]
         return lab
 
 
-def read_image(entry: ImageEntry) -> np.ndarray:
-    """(H, W, 3) uint8 RGB."""
+def read_image(entry: ImageEntry | str | Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an index entry or an image path."""
+    path = entry.file if isinstance(entry, ImageEntry) else entry
     try:
-        with Image.open(entry.file) as im:
+        with Image.open(path) as im:
             return np.array(im.convert("RGB"))
     except (OSError, ValueError) as err:
-        raise UserError(f"{entry.file}: cannot read image ({err})") from err
+        raise UserError(f"{path}: cannot read image ({err})") from err
 
 
 # ---------------------------------------------------------------- the generated dataset

@@ -83,25 +83,40 @@ def vit_input(image: np.ndarray, geom: Geometry) -> torch.Tensor:
     return fit_canvas(resize_image(normalize(image), geom.resized), geom.canvas)
 
 
-def _resized_canvas(values: np.ndarray, geom: Geometry) -> np.ndarray:
-    """(gh, gw) -> (h, w) at the resized size: nearest x patch, padding cropped (a cropped remainder is 0)."""
-    p = geom.patch
-    up = np.repeat(np.repeat(values, p, axis=0), p, axis=1)
+def _nearest_indices(src: int, dst: int) -> np.ndarray:
+    return np.minimum((np.arange(dst) + 0.5) * src / dst, src - 1).astype(np.int64)
+
+
+def canvas_to_original(values: np.ndarray, geom: Geometry, fill: int = 0) -> np.ndarray:
+    """(h', w') values on the padded/cropped canvas -> (H, W) at the original resolution, nearest.
+
+    The canvas is cut back to the resized size (padding dropped; a cropped remainder gets ``fill``),
+    then resized to the original size.
+    """
     rh, rw = geom.resized
-    canvas = np.zeros((rh, rw), values.dtype)
-    h, w = min(rh, up.shape[0]), min(rw, up.shape[1])
-    canvas[:h, :w] = up[:h, :w]
+    resized = np.full((rh, rw), fill, values.dtype)
+    h, w = min(rh, values.shape[0]), min(rw, values.shape[1])
+    resized[:h, :w] = values[:h, :w]
+    H, W = geom.original
+    return resized[_nearest_indices(rh, H)][:, _nearest_indices(rw, W)]
+
+
+def original_to_canvas(values: np.ndarray, geom: Geometry, fill: int = 255) -> np.ndarray:
+    """(H, W) label map -> the canvas (h', w'), nearest; padding gets ``fill`` (ignored by losses)."""
+    rh, rw = geom.resized
+    H, W = geom.original
+    resized = values[_nearest_indices(H, rh)][:, _nearest_indices(W, rw)]
+    ch, cw = geom.canvas
+    canvas = np.full((ch, cw), fill, values.dtype)
+    h, w = min(rh, ch), min(rw, cw)
+    canvas[:h, :w] = resized[:h, :w]
     return canvas
 
 
 def token_map_to_pixels(values: np.ndarray, geom: Geometry) -> np.ndarray:
     """(gh, gw) per-token values -> (H, W) at the original resolution, by nearest neighbour."""
-    canvas = _resized_canvas(values, geom)
-    rh, rw = geom.resized
-    H, W = geom.original
-    rows = np.minimum((np.arange(H) + 0.5) * rh / H, rh - 1).astype(np.int64)
-    cols = np.minimum((np.arange(W) + 0.5) * rw / W, rw - 1).astype(np.int64)
-    return canvas[rows][:, cols]
+    p = geom.patch
+    return canvas_to_original(np.repeat(np.repeat(values, p, axis=0), p, axis=1), geom)
 
 
 def token_mask_to_pixels(token_mask: np.ndarray, geom: Geometry, mode: str = "nearest") -> np.ndarray:
@@ -117,6 +132,11 @@ def token_mask_to_pixels(token_mask: np.ndarray, geom: Geometry, mode: str = "ne
         raise ValueError(f"unknown upsampling mode {mode!r}")
     from PIL import Image
 
-    canvas = _resized_canvas(token_mask.astype(np.uint8), geom)
+    p = geom.patch
+    up = np.repeat(np.repeat(token_mask.astype(np.uint8), p, axis=0), p, axis=1)
+    rh, rw = geom.resized
+    resized = np.zeros((rh, rw), np.uint8)
+    h, w = min(rh, up.shape[0]), min(rw, up.shape[1])
+    resized[:h, :w] = up[:h, :w]
     H, W = geom.original
-    return np.asarray(Image.fromarray(canvas * 255).resize((W, H), Image.BICUBIC)) > 0
+    return np.asarray(Image.fromarray(resized * 255).resize((W, H), Image.BICUBIC)) > 0

@@ -16,8 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from pycocotools import mask as mask_utils
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import MaskRCNN
@@ -29,7 +27,8 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from unseg.coco import annotation, decode_rle, read_json
+from unseg.coco import annotation, decode_segmentation, read_json
+from unseg.data.index import read_image
 from unseg.errors import UserError
 from unseg.models.resnet import create_resnet, load_resnet_weights, resnet_stage_channels
 from unseg.train.harness import autocast, generator, step_seed
@@ -190,19 +189,7 @@ def build_maskrcnn(
 
 def load_image(path: str | Path) -> torch.Tensor:
     """An image file as a (3, H, W) uint8 RGB tensor."""
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read image {path} ({err})") from err
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
-
-
-def segmentation_mask(segmentation, height: int, width: int) -> np.ndarray:
-    """(H, W) bool mask of a COCO segmentation: RLE (compressed or not) or polygons."""
-    if isinstance(segmentation, list):
-        return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))).astype(bool)
-    return decode_rle(segmentation)
+    return torch.from_numpy(read_image(path)).permute(2, 0, 1)
 
 
 def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
@@ -289,7 +276,7 @@ class CocoInstanceDataset:
         anns = self.anns[image_id]
         masks = np.zeros((len(anns), h, w), dtype=np.uint8)
         for j, ann in enumerate(anns):
-            mask = segmentation_mask(ann["segmentation"], h, w)
+            mask = decode_segmentation(ann["segmentation"], h, w)
             if mask.shape != (h, w):
                 raise UserError(f"annotation {ann.get('id')} of image {image_id} is {mask.shape}, the image {(h, w)}")
             masks[j] = mask

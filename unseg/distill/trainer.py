@@ -33,7 +33,7 @@ class MaskRCNNTraining:
 
 def warmup_step_lr(step: int, t: MaskRCNNTraining) -> float:
     """detectron2's WarmupMultiStepLR: linear from 0.001·lr over the warm-up, then x0.1 at each milestone."""
-    base = t.lr * 0.1 ** sum(step >= m for m in t.lr_steps)
+    base = H.step_decay(t.lr, step, t.lr_steps)
     if step < t.warmup_steps:
         alpha = step / t.warmup_steps
         return base * (0.001 * (1 - alpha) + alpha)
@@ -65,7 +65,7 @@ def train_maskrcnn(
 
     return H.train_loop(
         step_fn,
-        None,
+        lambda start: H.step_loader(batches, start, t.steps, t.workers),
         {"model": model, "optimizer": opt},
         t.steps,
         ckpt,
@@ -74,5 +74,4 @@ def train_maskrcnn(
         t.seed,
         info,
         desc="maskrcnn",
-        make_batches=lambda start: H.step_loader(batches, start, t.steps, t.workers),
     )

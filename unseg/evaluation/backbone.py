@@ -17,12 +17,19 @@ import numpy as np
 import torch
 
 from unseg.data.index import ImageEntry
-from unseg.data.transforms import Geometry, geometry, token_map_to_pixels, vit_input
+from unseg.data.transforms import (
+    Geometry,
+    canvas_to_original,
+    geometry,
+    original_to_canvas,
+    token_map_to_pixels,
+    vit_input,
+)
 from unseg.evaluation.dense import dense_kmeans_labels
 from unseg.evaluation.probe import predict_probe, train_linear_probe
 from unseg.evaluation.report import score_label_maps
 from unseg.evaluation.video import evaluate_sequence, propagate_labels, read_annotation, read_frame, summarize_davis
-from unseg.features import geometries, iterate_batches, plan_batches, plan_order
+from unseg.features import forward_images, geometries
 
 
 @torch.no_grad()
@@ -35,16 +42,11 @@ def dense_features(
     batch_size: int = 32,
 ) -> tuple[list[np.ndarray], list[Geometry]]:
     """Per image: (h, w, D) float32 last-layer patch tokens (after the final norm), and the geometry."""
-    patch = int(model.patch_embed.patch_size[0])
-    geoms = geometries(entries, short_side, patch, fit)
-    order = plan_order(geoms)
-    batches = plan_batches(geoms, order, batch_size)
+    geoms = geometries(entries, short_side, int(model.patch_embed.patch_size[0]), fit)
     out: list[np.ndarray | None] = [None] * len(entries)
-    prefix = int(model.num_prefix_tokens)
-    for k, images in iterate_batches(entries, geoms, order, batches):
-        tokens = model.forward_features(images.to(device))[:, prefix:].float().cpu().numpy()
-        for row, pos in enumerate(batches[k]):
-            i = int(order[pos])
+    for batch in forward_images(model, entries, geoms, batch_size, device):
+        tokens = batch.out.patch_tokens.float().cpu().numpy()
+        for row, i in enumerate(batch.indices):
             out[i] = tokens[row].reshape(*geoms[i].grid, -1)
     return out, geoms  # type: ignore[return-value]
 
@@ -60,8 +62,10 @@ def dense_kmeans_miou(
 
 def linear_probe_miou(
     train_feats: list[np.ndarray],
+    train_geoms: list[Geometry],
     train_gts: list[np.ndarray],
     val_feats: list[np.ndarray],
+    val_geoms: list[Geometry],
     val_gts: list[np.ndarray],
     n_classes: int,
     ignore_index: int,
@@ -72,26 +76,21 @@ def linear_probe_miou(
 ) -> dict:
     """1x1 conv on frozen tokens (trained on the train split's GT), mIoU on the validation split.
 
-    Logits on the token grid are upsampled bilinearly to the label size, in training and prediction.
-    The probe predicts classes, so Hungarian matching finds the identity unless the probe is poor.
+    Labels are brought onto each image's canvas (the padded/cropped ViT input; padding ignored), where the
+    token grid's upsampled logits live; predictions go back to the original resolution the same way the
+    mined masks do. The probe predicts classes, so Hungarian matching finds the identity unless it is poor.
     """
     to_chw = [torch.from_numpy(f).permute(2, 0, 1).contiguous() for f in train_feats]
-    milestones = (max(1, int(epochs * 25 / 45)),)
+    labels = [
+        original_to_canvas(g.astype(np.int64), geom, ignore_index)
+        for g, geom in zip(train_gts, train_geoms, strict=True)
+    ]
     conv = train_linear_probe(
-        to_chw,
-        list(train_gts),
-        n_classes,
-        epochs=epochs,
-        lr=lr,
-        milestones=milestones,
-        ignore_index=ignore_index,
-        seed=seed,
-        device=str(device),
-        label_size=None,
+        to_chw, labels, n_classes, epochs=epochs, lr=lr, ignore_index=ignore_index, seed=seed, device=str(device)
     )
     preds = [
-        predict_probe(conv, torch.from_numpy(f).permute(2, 0, 1), tuple(gt.shape))
-        for f, gt in zip(val_feats, val_gts, strict=True)
+        canvas_to_original(predict_probe(conv, torch.from_numpy(f).permute(2, 0, 1), geom.canvas), geom)
+        for f, geom in zip(val_feats, val_geoms, strict=True)
     ]
     return score_label_maps(zip(preds, val_gts, strict=True), n_classes, n_classes, ignore_index)
 

@@ -24,6 +24,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from unseg.coco import to_rle
 from unseg.errors import UserError
 
 AGNOSTIC_CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
@@ -36,19 +37,6 @@ def _image_sizes(gt: dict) -> dict[int, tuple[int, int]]:
         raise UserError(f"ground-truth json: every image needs 'id', 'height' and 'width' (missing {e})") from None
 
 
-def _to_rle(segmentation, height: int, width: int) -> dict:
-    """Polygons, uncompressed or compressed RLE (str or bytes counts) → compressed RLE with bytes counts."""
-    if isinstance(segmentation, list):
-        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    if isinstance(segmentation.get("counts"), list):
-        return mask_utils.frPyObjects(segmentation, height, width)
-    counts = segmentation["counts"]
-    return {
-        "size": list(segmentation["size"]),
-        "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
-    }
-
-
 def _agnostic_gt(gt: dict) -> dict:
     """Copy of the GT json with one category, and ``area``/``iscrowd``/``id`` filled where missing."""
     sizes = _image_sizes(gt)
@@ -59,7 +47,7 @@ def _agnostic_gt(gt: dict) -> dict:
             raise UserError(f"ground-truth annotation {i} refers to image_id {ann['image_id']} not in 'images'")
         h, w = sizes[int(ann["image_id"])]
         if "area" not in ann or "bbox" not in ann:
-            rle = _to_rle(ann["segmentation"], h, w)
+            rle = to_rle(ann["segmentation"], h, w)
             ann.setdefault("area", float(mask_utils.area(rle)))
             ann.setdefault("bbox", mask_utils.toBbox(rle).tolist())
         ann.setdefault("iscrowd", 0)
@@ -79,7 +67,7 @@ def _agnostic_results(results: list[dict], sizes: dict[int, tuple[int, int]]) ->
             raise UserError(f"prediction {i} refers to image_id {image_id}, which is not in the ground truth")
         if "score" not in res:
             raise UserError(f"prediction {i} (image_id {image_id}) has no 'score'")
-        rle = _to_rle(res["segmentation"], *sizes[image_id])
+        rle = to_rle(res["segmentation"], *sizes[image_id])
         mask_box = mask_utils.toBbox(rle).tolist()
         out.append(
             {

@@ -19,8 +19,6 @@ Conventions
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
@@ -62,12 +60,6 @@ class ConfusionAccumulator:
         _check_range(gt, self.n_gt, "ground-truth label")
         counts = np.bincount(pred * self.n_gt + gt, minlength=self.n_pred * self.n_gt)
         self._matrix += counts.reshape(self.n_pred, self.n_gt)
-
-    def merge(self, other: ConfusionAccumulator) -> None:
-        """Add another accumulator's counts (e.g. from another process or shard)."""
-        if other._matrix.shape != self._matrix.shape:
-            raise UserError(f"cannot merge confusion matrices of shapes {other._matrix.shape} and {self._matrix.shape}")
-        self._matrix += other._matrix
 
 
 def _check_range(values: np.ndarray, n: int, what: str) -> None:

@@ -76,7 +76,7 @@ def train_linear_probe(
     lr: float = 0.1,
     momentum: float = 0.9,
     weight_decay: float = 1e-4,
-    milestones: Sequence[int] = (25,),
+    milestones: Sequence[int] | None = None,
     batch_size: int = 24,
     ignore_index: int = 255,
     seed: int = 0,
@@ -86,7 +86,8 @@ def train_linear_probe(
 ) -> nn.Conv2d:
     """Train a 1×1 conv D→num_classes on frozen features (list of (D, h, w) float tensors) against
     (H, W) int label maps (``ignore_index`` pixels skipped). ``milestones`` are epochs after which the
-    lr is multiplied by ``gamma``. Returns the trained ``nn.Conv2d`` on CPU, in eval mode."""
+    lr is multiplied by ``gamma`` (default: the paper's 25 of 45, scaled to ``epochs``). Returns the
+    trained ``nn.Conv2d`` on CPU, in eval mode."""
     if num_classes < 2:
         raise UserError(f"linear probe needs num_classes >= 2, got {num_classes}")
     dim = _check_inputs(features, labels, num_classes, ignore_index)
@@ -101,6 +102,8 @@ def train_linear_probe(
         conv.bias.zero_()
     conv.to(dev).train()
     opt = torch.optim.SGD(conv.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if milestones is None:  # the paper's 25 of 45 epochs, scaled to `epochs`
+        milestones = (max(1, epochs * 25 // 45),)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=gamma)
     for _ in range(epochs):
         order = torch.randperm(len(feats), generator=gen).tolist()

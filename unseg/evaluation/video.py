@@ -101,14 +101,6 @@ def read_annotation(path: str | Path) -> np.ndarray:
         return np.asarray(im).astype(np.int64)
 
 
-def dino_frame_size(height: int, width: int, short_side: int = 480, multiple: int = 64) -> tuple[int, int]:
-    """DINO's ``read_frame`` resize: the short side → ``short_side``, the long side scaled alike and floored
-    to a multiple of ``multiple``. Returns (height, width); e.g. 480×854 → 480×832."""
-    if height > width:
-        return int((short_side * height / width) // multiple * multiple), short_side
-    return short_side, int((short_side * width / height) // multiple * multiple)
-
-
 # ---------------------------------------------------------------- propagation
 
 

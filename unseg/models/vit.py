@@ -29,11 +29,13 @@ def create_vit(
     depth: int | None = None,
     img_size: int = 224,
     drop_path_rate: float = 0.0,
+    reg_tokens: int = 0,
 ) -> nn.Module:
     """A randomly initialised timm ViT that accepts any input size (pos-embed interpolated).
 
     ``patch_size`` and ``depth`` override the architecture's defaults when given, so
-    ``vit_tiny_patch16_224`` with ``patch_size=8, depth=4`` is a 4-block ViT-Ti/8.
+    ``vit_tiny_patch16_224`` with ``patch_size=8, depth=4`` is a 4-block ViT-Ti/8. ``reg_tokens`` adds
+    register tokens (Darcet et al. 2024) after the CLS token; they are prefix tokens, never mined.
     """
     kwargs: dict = dict(
         pretrained=False,
@@ -46,6 +48,8 @@ def create_vit(
         kwargs["patch_size"] = patch_size
     if depth is not None:
         kwargs["depth"] = depth
+    if reg_tokens:
+        kwargs["reg_tokens"] = reg_tokens
     try:
         model = timm.create_model(arch, **kwargs)
     except RuntimeError as err:  # unknown model name

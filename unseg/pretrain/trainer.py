@@ -63,10 +63,10 @@ class CrOCModels:
     teacher_head: CrOCHead
 
 
-def build_models(arch: str, patch: int, depth: int | None, t: CrOCTraining) -> CrOCModels:
+def build_models(arch: str, patch: int, depth: int | None, t: CrOCTraining, reg_tokens: int = 0) -> CrOCModels:
     """Student (with drop-path) and a teacher that starts as its exact copy, each with a CrOC head."""
-    student = create_vit(arch, patch, depth, img_size=t.crop_size, drop_path_rate=t.drop_path)
-    teacher = create_vit(arch, patch, depth, img_size=t.crop_size)
+    student = create_vit(arch, patch, depth, img_size=t.crop_size, drop_path_rate=t.drop_path, reg_tokens=reg_tokens)
+    teacher = create_vit(arch, patch, depth, img_size=t.crop_size, reg_tokens=reg_tokens)
     teacher.load_state_dict(student.state_dict())
     dim = student.embed_dim
 
@@ -153,7 +153,7 @@ def train_croc(
 
     def step_fn(step: int, batch) -> dict[str, float]:
         views, pos = batch
-        lr = H.lr_at(step, t.steps, base_lr, t.warmup_steps, t.min_lr, schedule="cosine")
+        lr = H.cosine_lr(step, t.steps, base_lr, t.warmup_steps, t.min_lr)
         wd = t.weight_decay_end + 0.5 * (t.weight_decay - t.weight_decay_end) * (1 + np.cos(np.pi * step / t.steps))
         for i, g in enumerate(opt.param_groups):
             g["lr"] = lr
@@ -195,7 +195,7 @@ def train_croc(
     }
     return H.train_loop(
         step_fn,
-        None,
+        lambda start: H.step_loader(batches, start, t.steps, t.workers),
         parts,
         t.steps,
         ckpt,
@@ -204,5 +204,4 @@ def train_croc(
         t.seed,
         info,
         desc="croc",
-        make_batches=lambda start: H.step_loader(batches, start, t.steps, t.workers),
     )

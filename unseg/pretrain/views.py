@@ -29,9 +29,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from unseg.errors import UserError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from unseg.models.vit import IMAGENET_MEAN, IMAGENET_STD
+from unseg.train.harness import uniform
 
 
 @dataclass(frozen=True)
@@ -72,10 +71,6 @@ class ViewConfig:
 
 
 # ---------------------------------------------------------------- random draws from a generator
-
-
-def _uniform(gen: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * float(torch.rand((), generator=gen))
 
 
 def _coin(gen: torch.Generator, p: float) -> bool:
@@ -119,8 +114,8 @@ def random_resized_crop_box(
     area = height * width
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(attempts):
-        target = area * _uniform(gen, scale[0], scale[1])
-        aspect = math.exp(_uniform(gen, log_lo, log_hi))
+        target = area * uniform(gen, scale[0], scale[1])
+        aspect = math.exp(uniform(gen, log_lo, log_hi))
         w = int(round(math.sqrt(target * aspect)))
         h = int(round(math.sqrt(target / aspect)))
         if 0 < w <= width and 0 < h <= height:
@@ -172,10 +167,10 @@ def color_jitter(image: torch.Tensor, aug: Photometric, gen: torch.Generator) ->
     """torchvision ``ColorJitter``: factors b, c, s ~ U(1 − x, 1 + x) (floored at 0), hue ~ U(−h, h),
     applied in a random order."""
     order = torch.randperm(4, generator=gen).tolist()
-    b = _uniform(gen, max(0.0, 1 - aug.brightness), 1 + aug.brightness)
-    c = _uniform(gen, max(0.0, 1 - aug.contrast), 1 + aug.contrast)
-    s = _uniform(gen, max(0.0, 1 - aug.saturation), 1 + aug.saturation)
-    h = _uniform(gen, -aug.hue, aug.hue)
+    b = uniform(gen, max(0.0, 1 - aug.brightness), 1 + aug.brightness)
+    c = uniform(gen, max(0.0, 1 - aug.contrast), 1 + aug.contrast)
+    s = uniform(gen, max(0.0, 1 - aug.saturation), 1 + aug.saturation)
+    h = uniform(gen, -aug.hue, aug.hue)
     ops = [
         lambda x: TF.adjust_brightness(x, b),
         lambda x: TF.adjust_contrast(x, c),
@@ -201,7 +196,7 @@ def photometric(image: torch.Tensor, aug: Photometric, gen: torch.Generator) -> 
     if _coin(gen, aug.gray_p):
         image = TF.rgb_to_grayscale(image, num_output_channels=3)
     if _coin(gen, aug.blur_p):
-        image = gaussian_blur(image, _uniform(gen, *aug.blur_sigma))
+        image = gaussian_blur(image, uniform(gen, *aug.blur_sigma))
     if _coin(gen, aug.solarize_p):
         image = TF.solarize(image, aug.solarize_threshold)
     return image

@@ -56,6 +56,11 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
     return x
 
 
+def uniform(gen: torch.Generator, low: float, high: float) -> float:
+    """One draw from U(low, high) on ``gen`` (float64, so draws do not depend on the default dtype)."""
+    return low + (high - low) * float(torch.rand((), generator=gen, dtype=torch.float64))
+
+
 def generator(seed: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed)
@@ -262,7 +267,7 @@ def load_state_into(parts: dict[str, Any], state: dict) -> None:
 
 def train_loop(
     step_fn: Callable[[int, Any], dict[str, float]],
-    batches: Iterator | None,
+    make_batches: Callable[[int], Iterator],
     parts: dict[str, Any],
     total_steps: int,
     ckpt: CheckpointDir,
@@ -271,27 +276,21 @@ def train_loop(
     seed: int,
     info: DistInfo = SINGLE_PROCESS,
     desc: str = "train",
-    log_every: int = 1,
-    start_step: int | None = None,
-    make_batches: Callable[[int], Iterator] | None = None,
 ) -> int:
     """Run ``step_fn(step, batch)`` for the remaining steps, resuming from ``ckpt``; returns the steps run.
 
     ``parts`` maps names to everything with a state (models, optimizers, loss modules with centres);
-    their state is restored from the latest checkpoint before the first step. Pass ``make_batches``
-    (``start -> iterator``) so the data resumes at the right step; ``batches`` is for already-positioned
-    iterators. Before each step the global torch RNG is seeded from ``(seed, step)`` so dropout and
-    drop-path repeat on resume. A non-finite loss stops the run with a clear error.
+    their state is restored from the latest checkpoint before the first step, and ``make_batches(start)``
+    gives the batches from that step on. Before each step the global torch RNG is seeded from
+    ``(seed, step)`` so dropout and drop-path repeat on resume. A non-finite loss stops the run with a
+    one-line error.
     """
     state = ckpt.load()
     start = 0
     if state is not None:
         load_state_into(parts, state["parts"])
         start = int(state["step"])
-    if start_step is not None:
-        start = start_step
-    if make_batches is not None:
-        batches = make_batches(start)
+    batches = make_batches(start)
     log = CsvLog(log_path, resume_step=start, is_main=info.is_main)
     bar = tqdm(
         range(start, total_steps),
@@ -304,14 +303,12 @@ def train_loop(
     )
     for step in bar:
         torch.manual_seed(step_seed(seed, step, salt=2) + info.rank)
-        batch = next(batches) if batches is not None else None
-        values = step_fn(step, batch)
+        values = step_fn(step, next(batches))
         loss = values.get("loss")
         if loss is not None and not math.isfinite(loss):
             raise UserError(f"{desc}: the loss became {loss} at step {step}; lower the learning rate or clip gradients")
-        if step % log_every == 0 or step + 1 == total_steps:
-            log.write(step, values)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in list(values.items())[:3]})
+        log.write(step, values)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in list(values.items())[:3]})
         if (step + 1) % ckpt_every == 0 or step + 1 == total_steps:
             ckpt.save(step + 1, {"step": step + 1, "parts": state_dict_of(parts)})
     return total_steps - start
@@ -348,24 +345,14 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def lr_at(
-    step: int,
-    total: int,
-    base: float,
-    warmup: int = 0,
-    final: float = 0.0,
-    milestones: Sequence[int] = (),
-    gamma: float = 0.1,
-    schedule: str = "cosine",
-) -> float:
-    """Learning rate at ``step``: linear warm-up, then ``cosine`` to ``final`` or ``step`` decay at milestones."""
+def cosine_lr(step: int, total: int, base: float, warmup: int = 0, final: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from ``base`` to ``final`` at ``total`` (DINO)."""
     if warmup and step < warmup:
         return base * (step + 1) / warmup
-    if schedule == "cosine":
-        t = (step - warmup) / max(1, total - warmup)
-        return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min(1.0, t)))
-    if schedule == "step":
-        return base * gamma ** sum(step >= m for m in milestones)
-    if schedule == "constant":
-        return base
-    raise ValueError(f"unknown schedule {schedule!r}")
+    t = (step - warmup) / max(1, total - warmup)
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def step_decay(base: float, at: int, milestones: Sequence[int], gamma: float = 0.1) -> float:
+    """``base`` times ``gamma`` for every milestone reached by ``at`` (a step or an epoch number)."""
+    return base * gamma ** sum(at >= m for m in milestones)

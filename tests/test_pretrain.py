@@ -68,3 +68,46 @@ def test_two_process_gloo_ddp_agrees_with_one_process(tmp_path):
     init = trainer.build_models("vit_tiny_patch16_224", 8, 2, trainer.CrOCTraining(steps=1, crop_size=32))
     moved = max(float((single[k] - v).abs().max()) for k, v in init.teacher.state_dict().items())
     assert moved > 100 * worst, "training must move the weights far more than DDP and one process differ"
+
+
+@pytest.mark.slow
+def test_killed_stage_resumes_on_rerun_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL the pretrain_croc stage mid-training; the rerun resumes and ends with identical weights."""
+    import signal
+    import time
+
+    import yaml
+
+    from unseg.data.index import prepare_generated
+
+    index = prepare_generated(tmp_path / "data", 8, 0, 3, 2, 48, 48, seed=0)
+    index.save(tmp_path / "data" / "index.json")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["backbone"]["depth"] = 2
+    params["croc"].update(steps=12, batch_size=4, crop_size=32, out_dim=64, out_dim_c=32, head_hidden=32,
+                          head_bottleneck=16, ckpt_every=2, drop_path=0.0)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def stage(name: str) -> list[str]:
+        return [sys.executable, "-m", "stages.pretrain_croc", str(tmp_path / "data" / "index.json"),
+                str(tmp_path / f"{name}.pth"), "--ckpt", str(tmp_path / f"ckpt_{name}"), "--log",
+                str(tmp_path / f"{name}.csv"), "--params", str(tmp_path / "params.yaml")]
+
+    subprocess.run(stage("straight"), cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen(stage("killed"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not list((tmp_path / "ckpt_killed").glob("step_00000004.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed.pth").exists(), "the stage finished before it could be killed"
+    rerun = subprocess.run(stage("killed"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    first_logged = int((tmp_path / "killed.csv").read_text().splitlines()[1].split(",")[0])
+    assert first_logged == 0  # the log kept the steps run before the kill
+    straight = torch.load(tmp_path / "straight.pth", weights_only=False)["teacher"]
+    resumed = torch.load(tmp_path / "killed.pth", weights_only=False)["teacher"]
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    assert "CrOC steps run now" in rerun.stderr and "12 of 12" not in rerun.stderr  # it did not start over

@@ -12,9 +12,10 @@ For one image with N patch tokens, H heads and last-block raw queries/keys (no s
 6. optionally keep only the 4-connected component of the mask holding s (released code).
 
 Σ_{j∈P'} A[j, p] = (Σ_{j∈P'} k_j) · k_p, so the N×N Gram matrix is never formed: O(N·D) per image.
-Ties in a_CLS (common after the mass mask zeroes tokens) are broken by the lower token index, in
-both the mass-mask sort and the top-k, so results do not depend on device or batch size (the
-released code's order is whatever its top-k routine returns; reference §1.1).
+Sorting is stable everywhere, so results do not depend on device or batch size (the released code's
+order is whatever its top-k routine returns; reference §1.1): in the top-k, equal a_CLS values go to the
+lower token index first (common after the mass mask zeroes tokens); in the ascending mass-mask sort,
+the lower index among equal values comes first and is therefore the first to be dropped.
 """
 
 from __future__ import annotations

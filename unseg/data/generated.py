@@ -95,23 +95,21 @@ def desaturate(colour: np.ndarray, keep: float) -> np.ndarray:
 
 
 def cluttered_background(h: int, w: int, rng: np.random.Generator, saturation: float = 0.3) -> np.ndarray:
-    """(H, W, 3) float image: smooth noise plus random strokes and blobs (no periodic texture).
+    """(H, W, 3) float image: a grey level with faint smooth noise, random strokes and blobs (no periodic texture).
 
     Clutter is muted (colours desaturated to ``saturation``), as backgrounds of natural photos tend to be;
     object colours stay fully random, so colour still says nothing about an object's category.
     """
-    img = np.empty((h, w, 3), np.float32)
-    base = _random_colour(rng)
-    for c in range(3):
-        noise = ndimage.gaussian_filter(rng.normal(size=(h, w)), sigma=rng.uniform(6, 14), mode="wrap")
-        img[..., c] = base[c] + 0.35 * noise / (noise.std() + 1e-6)
+    noise = ndimage.gaussian_filter(rng.normal(size=(h, w)), sigma=rng.uniform(6, 14), mode="wrap")
+    img = np.repeat((rng.uniform(0.3, 0.7) + 0.12 * noise / (noise.std() + 1e-6))[..., None], 3, axis=2)
+    img = img.astype(np.float32)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    for _ in range(rng.integers(6, 14)):  # strokes
+    for _ in range(rng.integers(14, 28)):  # strokes
         x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
         ang, length, width = rng.uniform(0, np.pi), rng.uniform(8, 30), rng.uniform(0.8, 2.2)
         u, v = _rotated(xx, yy, x0, y0, ang)
         img[(np.abs(u) <= length / 2) & (np.abs(v) <= width / 2)] = _random_colour(rng)
-    for _ in range(rng.integers(2, 6)):  # soft blobs
+    for _ in range(rng.integers(5, 11)):  # blobs
         x0, y0, rad = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(3, 9)
         img[(xx - x0) ** 2 + (yy - y0) ** 2 <= rad**2] = _random_colour(rng)
     return desaturate(img, saturation)

@@ -35,8 +35,8 @@ def score_label_maps(pairs: Iterable[tuple[np.ndarray, np.ndarray]], n_pred: int
 def rasterise_annotations(anns: list[dict], height: int, width: int) -> np.ndarray:
     """(H, W) label map from COCO annotations: 0 = background, ``category_id`` inside each mask.
 
-    Annotations are painted in decreasing score order so that, where they overlap, the most
-    confident one is on top (pseudo-labels all have the same score: file order then decides).
+    Annotations are painted from the least to the most confident, so where they overlap the most
+    confident one ends on top (pseudo-labels all have the same score: the later one in the file wins).
     """
     lab = np.zeros((height, width), np.int64)
     for ann in sorted(anns, key=lambda a: a.get("score", 1.0)):

@@ -69,7 +69,7 @@ def protocols(model, params, index, train, train_gts, val, val_gts, videos, devi
             ev.video_neighborhood,
             ev.video_temperature,
         )["JF"]
-    cfg = MiningConfig(m.heads, m.cls_mass, m.topk_fraction, m.keep_component)
+    cfg = MiningConfig(m.heads, m.cls_mass, m.topk_fraction, m.keep_component, m.proposals)
     mined = mine_images(model, val, f.short_side, f.fit, cfg, device, f.batch_size)
     if index.classes[0].lower() == "background":
         out["mask_fg_iou"] = mask_fg_iou(mined, val_gts, m.upsample)

@@ -29,9 +29,7 @@ def grid_runs(grids: np.ndarray, batch_size: int) -> list[tuple[int, int]]:
 
 def main(args, params) -> None:
     m = params.mining
-    cfg = MiningConfig(
-        heads=m.heads, cls_mass=m.cls_mass, topk_fraction=m.topk_fraction, keep_component=m.keep_component
-    )
+    cfg = MiningConfig(m.heads, m.cls_mass, m.topk_fraction, m.keep_component, m.proposals)
     feats = store.RaggedStore(args.features)
     heads = int(feats.attrs["heads"])
     if m.heads is not None and m.heads > heads:
@@ -49,7 +47,7 @@ def main(args, params) -> None:
         source[start:stop] = mined.source.numpy()
     attrs = {
         **feats.attrs,
-        "mining": {k: getattr(m, k) for k in ("heads", "cls_mass", "topk_fraction", "keep_component")},
+        "mining": {k: getattr(m, k) for k in ("heads", "cls_mass", "topk_fraction", "keep_component", "proposals")},
     }
     attrs.pop("images_done", None)
     attrs.pop("digest", None)

@@ -157,3 +157,15 @@ def test_source_always_belongs_to_its_mask():
     g = torch.Generator().manual_seed(4)
     out = mine_masks(torch.randn(8, 30, 3, generator=g), torch.randn(8, 30, 6, generator=g), (5, 6), MiningConfig())
     assert out.mask[torch.arange(8), out.source].all()
+
+
+def test_bottom_proposals_are_the_rule_on_the_negated_cls_affinity():
+    g = torch.Generator().manual_seed(5)
+    keys, logits = torch.randn(4, 20, 6, generator=g), torch.randn(4, 20, 3, generator=g)
+    for mass in (None, 0.5):
+        bottom = mine_masks(logits, keys, (4, 5), MiningConfig(None, mass, 0.4, True, proposals="bottom"))
+        top_of_negated = mine_masks(-logits, keys, (4, 5), MiningConfig(None, mass, 0.4, True, proposals="top"))
+        assert torch.equal(bottom.mask, top_of_negated.mask) and torch.equal(bottom.source, top_of_negated.source)
+    # the source is the least attended token
+    plain = mine_masks(logits, keys, (4, 5), MiningConfig(None, None, 0.4, False, proposals="bottom"))
+    assert torch.equal(plain.source, logits.mean(-1).argmin(-1))

@@ -83,3 +83,16 @@ def test_every_schema_key_is_written_in_the_shipped_params_files():
         assert set(raw) == set(SECTIONS), path
         for name, cls in SECTIONS.items():
             assert set(raw[name]) == {f.name for f in dataclasses.fields(cls)}, f"{path}: {name}"
+
+
+def test_schema_defaults_are_the_tiny_profile():
+    # a key deleted from params.yaml falls back to the same value (croc.reuse defaults to training)
+    import dataclasses
+
+    defaults, tiny = parse_params({}), load_params(ROOT / "params.yaml")
+    for section in dataclasses.fields(defaults):
+        want = dataclasses.asdict(getattr(tiny, section.name))
+        got = dataclasses.asdict(getattr(defaults, section.name))
+        if section.name == "croc":
+            want.pop("reuse"), got.pop("reuse")
+        assert got == want, section.name

@@ -84,15 +84,34 @@ def test_killed_stage_resumes_on_rerun_to_the_uninterrupted_result(tmp_path):
     index.save(tmp_path / "data" / "index.json")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["backbone"]["depth"] = 2
-    params["croc"].update(steps=12, batch_size=4, crop_size=32, out_dim=64, out_dim_c=32, head_hidden=32,
-                          head_bottleneck=16, ckpt_every=2, drop_path=0.0)
+    params["croc"].update(
+        steps=12,
+        batch_size=4,
+        crop_size=32,
+        out_dim=64,
+        out_dim_c=32,
+        head_hidden=32,
+        head_bottleneck=16,
+        ckpt_every=2,
+        drop_path=0.0,
+    )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
     def stage(name: str) -> list[str]:
-        return [sys.executable, "-m", "stages.pretrain_croc", str(tmp_path / "data" / "index.json"),
-                str(tmp_path / f"{name}.pth"), "--ckpt", str(tmp_path / f"ckpt_{name}"), "--log",
-                str(tmp_path / f"{name}.csv"), "--params", str(tmp_path / "params.yaml")]
+        return [
+            sys.executable,
+            "-m",
+            "stages.pretrain_croc",
+            str(tmp_path / "data" / "index.json"),
+            str(tmp_path / f"{name}.pth"),
+            "--ckpt",
+            str(tmp_path / f"ckpt_{name}"),
+            "--log",
+            str(tmp_path / f"{name}.csv"),
+            "--params",
+            str(tmp_path / "params.yaml"),
+        ]
 
     subprocess.run(stage("straight"), cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     proc = subprocess.Popen(stage("killed"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -12,6 +12,10 @@ For one image with N patch tokens, H heads and last-block raw queries/keys (no s
 6. optionally keep only the 4-connected component of the mask holding s (released code).
 
 Σ_{j∈P'} A[j, p] = (Σ_{j∈P'} k_j) · k_p, so the N×N Gram matrix is never formed: O(N·D) per image.
+
+``proposals="bottom"`` (not in the paper) applies the same rule to -a_CLS: P and s come from the
+*least* attended tokens. A CLS token that attends the background (an inverse object map, which the
+tiny CrOC ViTs of this project learn; measured in the README) then still yields object masks.
 Sorting is stable everywhere, so results do not depend on device or batch size (the released code's
 order is whatever its top-k routine returns; reference §1.1): in the top-k, equal a_CLS values go to the
 lower token index first (common after the mass mask zeroes tokens); in the ascending mass-mask sort,
@@ -32,6 +36,7 @@ class MiningConfig:
     cls_mass: float | None = 0.5
     topk_fraction: float = 0.4
     keep_component: bool = True
+    proposals: str = "top"  # "top": the paper's rule; "bottom": the rule on -a_CLS (see module docstring)
 
 
 def cls_affinity(cls_logits: torch.Tensor, heads: int | None = None) -> torch.Tensor:
@@ -101,6 +106,10 @@ def mine_masks(cls_logits: torch.Tensor, keys: torch.Tensor, grid: tuple[int, in
     if grid[0] * grid[1] != n:
         raise ValueError(f"grid {grid} does not hold {n} tokens")
     a = cls_affinity(cls_logits, cfg.heads)
+    if cfg.proposals == "bottom":
+        a = -a
+    elif cfg.proposals != "top":
+        raise ValueError(f"proposals must be 'top' or 'bottom', got {cfg.proposals!r}")
     if cfg.cls_mass is not None:
         a = a * attention_mass_mask(a, cfg.cls_mass)
     proposals = topk_indices(a, topk_count(n, cfg.topk_fraction))  # P, (B, k)

@@ -74,28 +74,28 @@ class Backbone:
 @dataclass(frozen=True)
 class Croc:
     reuse: str | None = p(None)  # a checkpoint this stage wrote with exactly these params and data: no training
-    steps: int = p(0, lo=0)
+    steps: int = p(1200, lo=0)
     batch_size: int = p(32, lo=1)
     crop_size: int = p(64, lo=16)
     crop_scale_min: float = p(0.25, lo=0, hi=1, lo_open=True)
     crop_scale_max: float = p(1.0, lo=0, hi=1, lo_open=True)
-    blur_sigma_max: float = p(2.0, lo=0.1)
+    blur_sigma_max: float = p(0.5, lo=0.1)
     hue: float = p(0.1, lo=0, hi=0.5)
     saturation: float = p(0.2, lo=0)
     grayscale_p: float = p(0.2, lo=0, hi=1)
-    lr: float = p(5e-4, lo=0, lo_open=True)
+    lr: float = p(0.02, lo=0, lo_open=True)
     min_lr: float = p(1e-6, lo=0)
-    warmup_steps: int = p(0, lo=0)
+    warmup_steps: int = p(30, lo=0)
     weight_decay: float = p(0.04, lo=0)
-    weight_decay_end: float = p(0.4, lo=0)
+    weight_decay_end: float = p(0.04, lo=0)
     clip_grad: float = p(3.0, lo=0)
     freeze_last_layer_steps: int = p(0, lo=0)
-    drop_path: float = p(0.1, lo=0, hi=1)
-    momentum_teacher: float = p(0.996, lo=0, hi=1)
-    out_dim: int = p(65536, lo=2)
-    out_dim_c: int = p(8192, lo=2)
-    head_hidden: int = p(2048, lo=1)
-    head_bottleneck: int = p(256, lo=1)
+    drop_path: float = p(0.0, lo=0, hi=1)
+    momentum_teacher: float = p(0.99, lo=0, hi=1)
+    out_dim: int = p(256, lo=2)
+    out_dim_c: int = p(256, lo=2)
+    head_hidden: int = p(256, lo=1)
+    head_bottleneck: int = p(64, lo=1)
     teacher_temp: float = p(0.04, lo=0, lo_open=True)
     teacher_temp_c: float = p(0.04, lo=0, lo_open=True)
     student_temp: float = p(0.1, lo=0, lo_open=True)
@@ -132,6 +132,7 @@ class Mining:
     cls_mass: float | None = p(0.5, lo=0, hi=1, lo_open=True)  # DINO attention-mass mask on a_CLS; null = off
     topk_fraction: float = p(0.4, lo=0, hi=1, lo_open=True)  # |P| / number of patches (paper: 40%)
     keep_component: bool = p(True)  # keep only the 4-connected component holding the source
+    proposals: str = p("bottom", choices=("top", "bottom"))  # top-k by a_CLS (paper) | by -a_CLS (extension)
     upsample: str = p("nearest", choices=("nearest", "pil_bicubic"))  # token mask -> image resolution
     batch_size: int = p(256, lo=1)  # images (of one token grid) mined together
 
@@ -163,12 +164,12 @@ class Distill:
     trainable_layers: int = p(3, lo=0, hi=5)  # 3 = stem and layer1 frozen ("first two stages")
     steps: int = p(600, lo=1)
     batch_size: int = p(4, lo=1)
-    lr: float = p(0.02, lo=0, lo_open=True)
+    lr: float = p(0.01, lo=0, lo_open=True)
     lr_steps: list[int] = p([480, 560])
-    warmup_steps: int = p(100, lo=0)
+    warmup_steps: int = p(50, lo=0)
     momentum: float = p(0.9, lo=0, hi=1)
     weight_decay: float = p(1e-4, lo=0)
-    clip_grad: float = p(0.0, lo=0)  # 0 = off
+    clip_grad: float = p(5.0, lo=0)  # 0 = off
     train_min_size: int = p(96, lo=16)  # shortest side drawn from [train_min_size, train_max_size]
     train_max_size: int = p(160, lo=16)
     size_sampling: str = p("range", choices=("range", "choice"))
@@ -204,10 +205,10 @@ class Deeplab:
     aspp_rates: list[int] = p([12, 24, 36])
     freeze_blocks: int = p(2, lo=0, hi=4)  # stem+layer1 (1), +layer2 (2), ...
     backbone_weights: str | None = p(None)
-    epochs: int = p(12, lo=1)
+    epochs: int = p(8, lo=1)
     batch_size: int = p(8, lo=1)
     lr: float = p(0.01, lo=0, lo_open=True)
-    lr_step_epochs: list[int] = p([10])
+    lr_step_epochs: list[int] = p([6])
     gamma: float = p(0.1, lo=0, hi=1)
     momentum: float = p(0.9, lo=0, hi=1)
     weight_decay: float = p(1e-4, lo=0)
@@ -232,7 +233,7 @@ class Evaluate:
     baselines: bool = p(True)
     raw_kmeans_pixels: int = p(200_000, lo=1000)
     maskrcnn_score: float = p(0.5, lo=0, hi=1)  # Table 1 "Mask R-CNN" row: predictions above this score
-    probe_epochs: int = p(45, lo=1)  # linear probe (paper App. A.2: 45 epochs, lr 0.1, x0.1 after 25)
+    probe_epochs: int = p(20, lo=1)  # linear probe (paper App. A.2: 45 epochs, lr 0.1, x0.1 after 25)
     probe_lr: float = p(0.1, lo=0, lo_open=True)
     crf: bool = p(True)  # DeepLab + dense CRF row (released settings)
     video_root: str | None = p(None)  # a DAVIS 2017 folder; null: the generated videos (if any)

@@ -18,7 +18,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 repro: $(STAMP)
 	dvc repro
-	dvc metrics show
+	@cat artifacts/metrics/table.md
 
 test: $(STAMP)
 	$(PY) -m pytest -q; status=$$?; \

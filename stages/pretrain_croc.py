@@ -7,7 +7,8 @@ checkpoints guarded by a params digest) and the loss log, copied to ``<log>`` at
 
 - ``backbone.weights`` set: that checkpoint is validated against ``backbone`` and converted; no training.
 - ``croc.reuse`` set: a checkpoint written earlier by this stage with exactly the current params and
-  training images (checked by a digest stored in it) is used as is; the tiny profile ships one.
+  training images (checked by a digest stored in it) is used as is; the tiny profile ships one
+  (``checkpoints/croc_tiny.pth``).
 - otherwise: train ``croc.steps`` steps from scratch (resumes after an interrupt). Runs under
   ``torchrun`` for DDP.
 """
@@ -76,9 +77,10 @@ def reuse_checkpoint(path: str, digest: str, out: Path) -> None:
     shutil.copy(path, out)
 
 
-def write_empty_outs(args) -> None:
+def write_empty_outs(args, why: str) -> None:
     """The declared scratch folder and loss log, when nothing is trained (DVC expects every out)."""
     args.ckpt.mkdir(parents=True, exist_ok=True)
+    (args.ckpt / "NOT_TRAINED").write_text(why + "\n")
     args.log.parent.mkdir(parents=True, exist_ok=True)
     args.log.write_text("step,loss\n")
 
@@ -87,7 +89,7 @@ def main(args, params) -> None:
     b, c = params.backbone, params.croc
     meta = {"arch": b.arch, "patch_size": b.patch_size, "depth": b.depth}
     if b.weights:
-        write_empty_outs(args)
+        write_empty_outs(args, f"backbone.weights: {b.weights}")
         model = create_vit(b.arch, b.patch_size, b.depth)
         load_vit_weights(model, b.weights, b.checkpoint_key)
         save_dino_checkpoint(model, args.out, meta={**meta, "source": f"converted from {b.weights}"})
@@ -100,7 +102,7 @@ def main(args, params) -> None:
     digest = training_digest(b, c, entries)
     if c.reuse:
         reuse_checkpoint(c.reuse, digest, args.out)
-        write_empty_outs(args)
+        write_empty_outs(args, f"croc.reuse: {c.reuse}")
         log("pretrain_croc", f"croc.reuse: {c.reuse} was trained with these exact params and data; used as is")
         return
     device = H.resolve_device(c.device)

@@ -60,7 +60,7 @@ def deep_update(base: dict, new: dict) -> dict:
 
 def make_repo(repo: Path, overrides: dict) -> Path:
     """A copy of the project with ``overrides`` on top of params.yaml, after a full ``dvc repro``."""
-    for name in ("dvc.yaml", "stages", "unseg", "configs"):
+    for name in ("dvc.yaml", "stages", "unseg", "configs", "checkpoints"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
     params = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)

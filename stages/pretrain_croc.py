@@ -23,6 +23,7 @@ import torch
 from unseg.cli import log, parser, run_stage
 from unseg.data.index import DatasetIndex
 from unseg.errors import UserError
+from unseg.models.checkpoint import read_checkpoint
 from unseg.models.vit import create_vit, load_vit_weights, save_dino_checkpoint
 from unseg.pretrain.croc import CrOCConfig
 from unseg.pretrain.trainer import CrOCTraining, build_models, train_croc
@@ -64,10 +65,7 @@ def training_digest(b, c, entries) -> str:
 
 def reuse_checkpoint(path: str, digest: str, out: Path) -> None:
     """Use a finished run of this stage as is, after checking it was made with the same params and data."""
-    try:
-        meta = torch.load(path, map_location="cpu", weights_only=False).get("meta", {})
-    except (OSError, RuntimeError) as err:
-        raise UserError(f"croc.reuse: cannot read {path} ({err})") from err
+    meta = read_checkpoint(path, "croc.reuse").get("meta", {})
     if meta.get("digest") != digest:
         raise UserError(
             f"croc.reuse: {path} was trained with other params or data (digest {meta.get('digest')}, "

@@ -17,6 +17,7 @@ import torchvision
 from torch import nn
 
 from unseg.errors import UserError
+from unseg.models.checkpoint import read_checkpoint
 
 RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101")
 
@@ -165,13 +166,7 @@ def load_resnet_weights(model: nn.Module, path: str | Path, strict: bool = True)
     excepted). ``fc.*`` of the model is never required.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"backbone weights: no such file {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a corrupt or non-torch file is a user mistake, not a crash
-        raise UserError(f"backbone weights: cannot read {path} as a torch checkpoint ({err})") from err
-    state, prefix, dropped = resnet_state_dict_from_checkpoint(obj, str(path))
+    state, prefix, dropped = resnet_state_dict_from_checkpoint(read_checkpoint(path, "backbone weights"), str(path))
     own = model.state_dict()
     unexpected = [k for k in state if k not in own]
     if unexpected:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from unseg.errors import UserError
+from unseg.models.checkpoint import read_checkpoint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -170,13 +171,7 @@ def check_vit_compatible(model: nn.Module, state: dict[str, torch.Tensor], sourc
 def load_vit_weights(model: nn.Module, path: str | Path, key: str = "teacher") -> None:
     """Load backbone weights from ``path`` into ``model`` in place, interpolating the position embedding."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"backbone.weights: no such file {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a corrupt or non-torch file is a user mistake, not a crash
-        raise UserError(f"backbone.weights: cannot read {path} as a torch checkpoint ({err})") from err
-    state = vit_state_dict_from_checkpoint(obj, key)
+    state = vit_state_dict_from_checkpoint(read_checkpoint(path, "backbone.weights"), key)
     check_vit_compatible(model, state, str(path))
     pe = state.get("pos_embed")
     if pe is not None and pe.shape != model.pos_embed.shape:

@@ -30,6 +30,7 @@ from unseg.data.transforms import (
     token_mask_to_pixels,
     vit_input,
 )
+from unseg.errors import UserError
 
 
 def masked_input(image: np.ndarray, token_mask: np.ndarray, geom: Geometry) -> torch.Tensor:
@@ -109,25 +110,43 @@ class KMeansResult:
     centers: np.ndarray  # (k, D)
 
 
-def kmeans(x: np.ndarray, k: int, seed: int, algorithm: str = "minibatch", batch_size: int = 1000) -> KMeansResult:
-    """K-means with ``k`` clusters on rows of ``x`` (already whitened/normalised), deterministic given ``seed``."""
-    if len(x) < k:
+def kmeans(
+    x: np.ndarray,
+    k: int,
+    seed: int,
+    algorithm: str = "minibatch",
+    batch_size: int = 1000,
+    n_init: int = 3,
+    max_iter: int | None = None,
+    fit_rows: np.ndarray | None = None,
+) -> KMeansResult:
+    """K-means with ``k`` clusters on rows of ``x`` (already whitened/normalised), deterministic given ``seed``.
+
+    ``minibatch``: scikit-learn MiniBatchKMeans (``max_iter`` default 100); ``faiss``: faiss.Kmeans
+    (``niter`` default 50, ``nredo = n_init``). With ``fit_rows`` the centres are fitted on those rows
+    only and every row is then assigned to its nearest centre.
+    """
+    fit = x if fit_rows is None else x[fit_rows]
+    if len(fit) < k:
         raise ValueError(
-            f"K-means needs at least k={k} features, got {len(x)} (mine more images or lower cluster.classes)"
+            f"K-means needs at least k={k} features, got {len(fit)} (mine more images or lower cluster.classes)"
         )
     if algorithm == "minibatch":
         from sklearn.cluster import MiniBatchKMeans
 
-        km = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=batch_size, n_init=3).fit(x)
-        return KMeansResult(km.labels_.astype(np.int64), km.cluster_centers_.astype(np.float32))
+        km = MiniBatchKMeans(
+            n_clusters=k, random_state=seed, batch_size=batch_size, n_init=n_init, max_iter=max_iter or 100
+        ).fit(fit)
+        labels = km.labels_ if fit_rows is None else km.predict(x)
+        return KMeansResult(labels.astype(np.int64), km.cluster_centers_.astype(np.float32))
     if algorithm == "faiss":
         import faiss
 
-        km = faiss.Kmeans(x.shape[1], k, niter=50, nredo=3, seed=seed, verbose=False)
-        km.train(np.ascontiguousarray(x, dtype=np.float32))
+        km = faiss.Kmeans(x.shape[1], k, niter=max_iter or 50, nredo=n_init, seed=seed, verbose=False)
+        km.train(np.ascontiguousarray(fit, dtype=np.float32))
         _, labels = km.index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
         return KMeansResult(labels[:, 0].astype(np.int64), km.centroids.astype(np.float32))
-    raise ValueError(f"unknown K-means algorithm {algorithm!r}")
+    raise UserError(f"K-means algorithm must be 'minibatch' or 'faiss', got {algorithm!r}")
 
 
 @torch.no_grad()

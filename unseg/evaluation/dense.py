@@ -17,8 +17,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import KMeans, MiniBatchKMeans
+from sklearn.cluster import KMeans
 
+from unseg.clustering import kmeans
 from unseg.errors import UserError
 
 
@@ -26,26 +27,6 @@ def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Rows of (T, D) divided by their Euclidean norm (norm clamped at ``eps``), float32."""
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
-
-
-def _fit_predict(
-    x: np.ndarray, k: int, seed: int, algorithm: str, batch_size: int, n_init: int, max_iter: int, fit_rows
-) -> np.ndarray:
-    """Cluster ids (T,) of the rows of ``x`` (T, D) float32, centroids fitted on ``x[fit_rows]``."""
-    fit = x if fit_rows is None else x[fit_rows]
-    if algorithm == "minibatch":
-        km = MiniBatchKMeans(
-            n_clusters=k, random_state=seed, batch_size=batch_size, n_init=n_init, max_iter=max_iter
-        ).fit(fit)
-        return km.predict(x).astype(np.int64)
-    if algorithm == "faiss":
-        import faiss
-
-        km = faiss.Kmeans(x.shape[1], k, niter=max_iter, nredo=n_init, seed=seed, verbose=False)
-        km.train(np.ascontiguousarray(fit))
-        _, ids = km.index.search(np.ascontiguousarray(x), 1)
-        return ids[:, 0].astype(np.int64)
-    raise UserError(f"K-means algorithm must be 'minibatch' or 'faiss', got {algorithm!r}")
 
 
 def dense_kmeans_labels(
@@ -79,7 +60,7 @@ def dense_kmeans_labels(
     n_fit = len(tokens) if fit_rows is None else len(fit_rows)
     if not 1 <= k <= n_fit:
         raise UserError(f"dense K-means: k={k} must be between 1 and the number of fitted tokens ({n_fit})")
-    ids = _fit_predict(tokens, k, seed, algorithm, batch_size, n_init, max_iter, fit_rows)
+    ids = kmeans(tokens, k, seed, algorithm, batch_size, n_init, max_iter, fit_rows).labels
     bounds = np.cumsum([0] + [a.shape[0] * a.shape[1] for a in arrays])
     return [ids[s:e].reshape(a.shape[:2]) for a, s, e in zip(arrays, bounds[:-1], bounds[1:], strict=True)]
 

@@ -27,18 +27,19 @@ from unseg.data.index import DatasetIndex, read_image
 from unseg.data.transforms import geometry, token_mask_to_pixels
 from unseg.deeplab import build_deeplab, deeplab_features, predict_semantic
 from unseg.evaluation.dense import raw_pixel_kmeans_labels
-from unseg.evaluation.instances import class_agnostic_mask_ap
 from unseg.evaluation.metrics import ForegroundIoU
 from unseg.evaluation.probe import predict_probe, train_linear_probe
-from unseg.evaluation.report import group_by_image, markdown_table, rasterise_annotations, score_label_maps
+from unseg.evaluation.report import markdown_table, score_label_maps
+from unseg.evaluation.table1 import (
+    annotation_label_maps,
+    ground_truth_subset,
+    mask_ap_rows,
+    score_split,
+    stored_label_maps,
+)
 from unseg.train.harness import resolve_device
 
 COLUMNS = [("miou", "mIoU (Hungarian)"), ("pixel_accuracy", "pixel acc."), ("miou_majority", "mIoU (majority)")]
-
-
-def semantic_rows(store_path, ids: set[int]) -> dict[int, np.ndarray]:
-    s = store.RaggedStore(store_path)
-    return {int(i): store.read_semantic_map(s, r) for r, i in enumerate(s.read("image_id")) if int(i) in ids}
 
 
 def deeplab_feature_list(model, entries, device, where: str, input_size: int) -> list[torch.Tensor]:
@@ -113,20 +114,15 @@ def main(args, params) -> None:
     k = len(pseudo["categories"])
 
     def score(maps: dict[int, np.ndarray], n_pred: int) -> dict:
-        row = score_label_maps(((maps[e.id], gts[e.id]) for e in val), n_pred, n_gt, ignore)
-        row.pop("per_class_iou")
-        return row
-
-    def rasterised(anns: list[dict]) -> dict[int, np.ndarray]:
-        by_image = group_by_image(anns)
-        return {e.id: rasterise_annotations(by_image.get(e.id, []), e.height, e.width) for e in val}
+        return score_split(maps, val, gts, n_pred, n_gt, ignore)
 
     preds = coco.read_json(args.maskrcnn / "predictions.json")
+    confident = [p for p in preds if p["score"] >= ev.maskrcnn_score]
     rows = {
-        "1 mined masks + K-means": score(rasterised(pseudo["annotations"]), k + 1),
-        "2 + Mask R-CNN": score(rasterised([p for p in preds if p["score"] >= ev.maskrcnn_score]), k + 1),
-        "3 + confidence filter": score(semantic_rows(args.semantic, set(gts)), k + 1),
-        "4 + DeepLab-v3": score(semantic_rows(args.deeplab / "predictions.zarr", set(gts)), k + 1),
+        "1 mined masks + K-means": score(annotation_label_maps(pseudo["annotations"], val), k + 1),
+        "2 + Mask R-CNN": score(annotation_label_maps(confident, val), k + 1),
+        "3 + confidence filter": score(stored_label_maps(args.semantic, gts), k + 1),
+        "4 + DeepLab-v3": score(stored_label_maps(args.deeplab / "predictions.zarr", gts), k + 1),
     }
     if index.classes[0].lower() == "background":
         rows["1 mined masks + K-means"]["mask_fg_iou"] = mined_mask_fg_iou(
@@ -150,18 +146,8 @@ def main(args, params) -> None:
 
     instances = {}
     if index.instances:
-        ids = set(gts)
-        gt = coco.read_json(index.instances)
-        gt_val = {
-            **gt,
-            "images": [im for im in gt["images"] if im["id"] in ids],
-            "annotations": [a for a in gt["annotations"] if a["image_id"] in ids],
-        }
-        mined_results = [{**a, "score": 1.0} for a in pseudo["annotations"] if a["image_id"] in ids]
-        for name, results in (("mined_masks", mined_results), ("maskrcnn", [p for p in preds if p["image_id"] in ids])):
-            for mode in ("multi", "single"):
-                ap = class_agnostic_mask_ap(gt_val, results, mode)
-                instances[f"{name}_{mode}"] = {"AP": ap["AP"], "AP50": ap["AP50"]}
+        mined_results = [{**a, "score": 1.0} for a in pseudo["annotations"]]
+        instances = mask_ap_rows(ground_truth_subset(index, gts), {"mined_masks": mined_results, "maskrcnn": preds})
 
     train, train_gts = index.labelled(params.data.train_split)
     linear = (

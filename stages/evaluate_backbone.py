@@ -26,6 +26,7 @@ from unseg.evaluation.report import group_by_image, rasterise_annotations, score
 from unseg.evaluation.video import read_davis_sequences
 from unseg.mining import MiningConfig
 from unseg.models.vit import create_vit, load_vit_weights
+from unseg.params import config_from
 from unseg.pipeline import cluster_mined, mine_images
 from unseg.train.harness import resolve_device
 
@@ -69,7 +70,7 @@ def protocols(model, params, index, train, train_gts, val, val_gts, videos, devi
             ev.video_neighborhood,
             ev.video_temperature,
         )["JF"]
-    cfg = MiningConfig(m.heads, m.cls_mass, m.topk_fraction, m.keep_component, m.proposals)
+    cfg = config_from(MiningConfig, m)
     mined = mine_images(model, val, f.short_side, f.fit, cfg, device, f.batch_size)
     if index.classes[0].lower() == "background":
         out["mask_fg_iou"] = mask_fg_iou(mined, val_gts, m.upsample)

@@ -15,6 +15,7 @@ from unseg import store
 from unseg.cli import log, parser, run_stage
 from unseg.errors import UserError
 from unseg.mining import MiningConfig, mine_masks
+from unseg.params import config_from
 
 
 def grid_runs(grids: np.ndarray, batch_size: int) -> list[tuple[int, int]]:
@@ -29,31 +30,36 @@ def grid_runs(grids: np.ndarray, batch_size: int) -> list[tuple[int, int]]:
 
 def main(args, params) -> None:
     m = params.mining
-    cfg = MiningConfig(m.heads, m.cls_mass, m.topk_fraction, m.keep_component, m.proposals)
+    cfg = config_from(MiningConfig, m)
     feats = store.RaggedStore(args.features)
     heads = int(feats.attrs["heads"])
     if m.heads is not None and m.heads > heads:
         raise UserError(f"params.yaml: mining.heads = {m.heads}: the backbone has only {heads} heads")
     grids = feats.read("grid")
-    token_mask = np.zeros(int(feats.offsets[-1]), bool)
+    token_label = np.zeros(int(feats.offsets[-1]), np.uint8)
     source = np.zeros(len(feats), np.int64)
+    bottom = np.zeros(len(feats), bool)
     for start, stop in tqdm(grid_runs(grids, m.batch_size), desc="mine", mininterval=1.0):
         grid = tuple(int(v) for v in grids[start])
         n = grid[0] * grid[1]
         keys = torch.from_numpy(feats.span("keys", start, stop)).view(stop - start, n, -1)
         logits = torch.from_numpy(feats.span("cls_logits", start, stop)).view(stop - start, n, -1)
         mined = mine_masks(logits, keys, grid, cfg)
-        token_mask[feats.offsets[start] : feats.offsets[stop]] = mined.mask.reshape(-1).numpy()
+        token_label[feats.offsets[start] : feats.offsets[stop]] = mined.label.reshape(-1).numpy()
         source[start:stop] = mined.source.numpy()
-    attrs = {
-        **feats.attrs,
-        "mining": {k: getattr(m, k) for k in ("heads", "cls_mass", "topk_fraction", "keep_component", "proposals")},
-    }
+        bottom[start:stop] = mined.bottom.numpy()
+    attrs = {**feats.attrs, "mining": vars(cfg)}
     attrs.pop("images_done", None)
     attrs.pop("digest", None)
-    store.write_masks(args.out, feats, token_mask, source, attrs)
-    sizes = np.add.reduceat(token_mask, feats.offsets[:-1]) / np.diff(feats.offsets)
-    log("mine_masks", f"{len(feats)} masks, mean area {sizes.mean():.1%} of the image -> {args.out}")
+    store.write_masks(args.out, feats, token_label, source, bottom, attrs)
+    starts = feats.offsets[:-1]
+    covered = np.add.reduceat(token_label > 0, starts) / np.diff(feats.offsets)
+    n_masks = np.maximum.reduceat(token_label, starts)  # rounds after an empty one are empty too
+    log(
+        "mine_masks",
+        f"{int(n_masks.sum())} masks on {len(feats)} images, covering {covered.mean():.1%} of an image on average, "
+        f"{bottom.mean():.0%} from the least attended side -> {args.out}",
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def main(args, params) -> None:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    splits = [s for s in (d.train_split, d.val_split) if s]
+    splits = list(dict.fromkeys(s for s in (d.train_split, d.val_split) if s))  # one split for both: indexed once
     if d.dataset == "generated":
         idx = data_index.prepare_generated(
             out,

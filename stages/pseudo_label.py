@@ -36,15 +36,19 @@ def cluster_model(params, backbone_path):
 
 
 def mined_items(index: DatasetIndex, masks: store.RaggedStore, attrs: dict):
-    """(image id, image, token mask, mining geometry) for every image of ``masks.zarr``, in store order."""
+    """(image id, image, token mask, mining geometry) for every mask of ``masks.zarr``, in store order
+    (an image's masks in their mining order)."""
     by_id = index.by_id
     grids = masks.read("grid")
-    token_masks = masks.read("token_mask")
+    token_labels = masks.read("token_label")
     patch = int(attrs["backbone"]["patch_size"])
     for i, image_id in enumerate(tqdm(masks.read("image_id"), desc="mask features", mininterval=1.0)):
         e = by_id[int(image_id)]
         geom = geometry(e.height, e.width, attrs["short_side"], patch, attrs["fit"])
-        yield e.id, read_image(e), token_masks[masks.offsets[i] : masks.offsets[i + 1]].reshape(grids[i]), geom
+        labels = token_labels[masks.offsets[i] : masks.offsets[i + 1]].reshape(grids[i])
+        image = read_image(e)
+        for m in range(1, int(labels.max(initial=0)) + 1):
+            yield e.id, image, labels == m, geom
 
 
 def main(args, params) -> None:

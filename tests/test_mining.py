@@ -8,6 +8,7 @@ from scipy import ndimage
 from unseg.mining import (
     MiningConfig,
     attention_mass_mask,
+    border_fraction,
     cls_affinity,
     component_of,
     mine_masks,
@@ -169,3 +170,73 @@ def test_bottom_proposals_are_the_rule_on_the_negated_cls_affinity():
     # the source is the least attended token
     plain = mine_masks(logits, keys, (4, 5), MiningConfig(None, None, 0.4, False, proposals="bottom"))
     assert torch.equal(plain.source, logits.mean(-1).argmin(-1))
+
+
+def test_border_fraction_counts_the_outer_ring_of_the_grid():
+    grid = (4, 5)  # 14 border tokens
+    mask = torch.zeros(2, 4, 5, dtype=torch.bool)
+    mask[0, 1:3, 1:4] = True  # interior only
+    mask[1, 0, :] = True  # the top row: 5 of 14
+    mask[1, 2, 2] = True
+    assert border_fraction(mask.view(2, -1), grid).tolist() == pytest.approx([0.0, 5 / 14])
+
+
+def object_grid(attends_object: bool):
+    """A 6 x 6 token grid with a 3 x 3 object in the middle; keys: object e1, background e2 (orthogonal);
+    the CLS attends the object (logits 2 there, 0 elsewhere, then centred) or the background (the reverse)."""
+    obj = torch.zeros(6, 6, dtype=torch.bool)
+    obj[2:5, 1:4] = True
+    obj = obj.view(-1)
+    keys = torch.where(obj[:, None], torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))
+    ramp = torch.linspace(0, 0.1, 36)  # breaks ties inside each region
+    logits = (obj.float() if attends_object else 1 - obj.float()) * 2 + ramp
+    logits = logits - logits.mean()
+    return logits[None, :, None], keys[None], obj
+
+
+@pytest.mark.parametrize("attends_object", [True, False])
+def test_auto_proposals_pick_the_side_that_holds_the_object(attends_object):
+    logits, keys, obj = object_grid(attends_object)
+    cfg = dict(heads=None, cls_mass=None, topk_fraction=0.4, keep_component=True)
+    auto = mine_masks(logits, keys, (6, 6), MiningConfig(**cfg, proposals="auto"))
+    paper = mine_masks(logits, keys, (6, 6), MiningConfig(**cfg, proposals="top"))
+    assert torch.equal(auto.mask[0], obj)
+    assert bool(auto.bottom[0]) is (not attends_object)
+    # the paper's rule finds the object only when the CLS attends it; otherwise it mines the background
+    assert torch.equal(paper.mask[0], obj) is attends_object
+    if not attends_object:
+        assert torch.equal(paper.mask[0], ~obj)
+
+
+def test_auto_proposals_decide_per_image_within_a_batch():
+    pairs = [object_grid(True), object_grid(False), object_grid(False)]
+    logits = torch.cat([p[0] for p in pairs])
+    keys = torch.cat([p[1] for p in pairs])
+    out = mine_masks(logits, keys, (6, 6), MiningConfig(None, 0.5, 0.4, True, proposals="auto"))
+    assert out.bottom.tolist() == [False, True, True]
+    for b, (_, _, obj) in enumerate(pairs):
+        assert torch.equal(out.mask[b], obj)
+        assert bool(obj[out.source[b]])
+
+
+def test_more_masks_per_image_rerun_the_rule_on_the_tokens_left():
+    """Two objects with their own keys (e1, e3) on a background (e2); the CLS attends object A most, then B."""
+    a_obj, b_obj = torch.zeros(6, 6, dtype=torch.bool), torch.zeros(6, 6, dtype=torch.bool)
+    a_obj[1:3, 1:3] = True
+    b_obj[3:5, 3:6] = True
+    a_obj, b_obj = a_obj.view(-1), b_obj.view(-1)
+    e = torch.eye(3)
+    keys = torch.where(a_obj[:, None], e[0], torch.where(b_obj[:, None], e[2], e[1]))[None]
+    logits = (3.0 * a_obj.float() + 2.0 * b_obj.float() + torch.linspace(0, 0.1, 36))[None, :, None]
+    logits = logits - logits.mean()
+    cfg = dict(heads=None, cls_mass=None, topk_fraction=0.2, keep_component=True, proposals="top")
+    one = mine_masks(logits, keys, (6, 6), MiningConfig(**cfg))
+    assert torch.equal(one.mask[0], a_obj) and torch.equal(one.label[0], a_obj.to(torch.uint8))
+    three = mine_masks(logits, keys, (6, 6), MiningConfig(**cfg, masks_per_image=3))
+    assert torch.equal(three.label[0] == 1, a_obj) and torch.equal(three.label[0] == 2, b_obj)
+    rest = ~(a_obj | b_obj)  # the third round: only background tokens are left, and they form one component
+    assert torch.equal(three.label[0] == 3, rest)
+    assert torch.equal(three.mask[0], a_obj | b_obj | rest) and int(three.source[0]) == int(one.source[0])
+    # a fourth round has no token left: its mask is empty
+    four = mine_masks(logits, keys, (6, 6), MiningConfig(**cfg, masks_per_image=4))
+    assert torch.equal(four.label, three.label)

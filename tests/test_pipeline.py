@@ -60,7 +60,7 @@ def deep_update(base: dict, new: dict) -> dict:
 
 def make_repo(repo: Path, overrides: dict) -> Path:
     """A copy of the project with ``overrides`` on top of params.yaml, after a full ``dvc repro``."""
-    for name in ("dvc.yaml", "stages", "unseg", "configs", "checkpoints"):
+    for name in ("dvc.yaml", "stages", "unseg", "configs", "checkpoints", "ceiling", "scripts"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
     params = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
@@ -119,6 +119,21 @@ def test_filter_tau_reruns_only_filter_deeplab_and_evaluate(micro_repo):
     out = run([sys.executable, "-m", "dvc", "repro"], micro_repo, timeout=600)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert "filter_confident" in ran and ran <= {"filter_confident", "train_deeplab", "evaluate"}
+
+
+@pytest.mark.slow
+def test_the_ceiling_pipeline_trains_the_same_networks_on_ground_truth(micro_repo):
+    out = run([sys.executable, "-m", "dvc", "repro", "ceiling/dvc.yaml"], micro_repo, timeout=600)
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    stages = ("ground_truth", "ceiling_maskrcnn", "ceiling_deeplab", "evaluate_ceiling")
+    assert ran == {f"ceiling/dvc.yaml:{s}" for s in stages}
+    ceiling = json.loads((micro_repo / "artifacts/metrics/ceiling.json").read_text())
+    assert {"deeplab_miou", "maskrcnn_ap50", "maskrcnn_miou"} <= set(ceiling) and ceiling["images"] == 8
+    assert 0 <= ceiling["deeplab_miou"] <= 1 and 0 <= ceiling["maskrcnn_ap50"] <= 100
+    gt = json.loads((micro_repo / "artifacts/ceiling/gt/instances.json").read_text())
+    assert len(gt["images"]) == 16 and len(gt["categories"]) == 4  # the generated classes, not the 3 clusters
+    # the label-free pipeline is untouched: nothing of the root dvc.yaml reruns
+    assert json.loads(run([sys.executable, "-m", "dvc", "status", "--json", "dvc.yaml"], micro_repo)) == {}
 
 
 COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini"

@@ -16,6 +16,9 @@ For one image with N patch tokens, H heads and last-block raw queries/keys (no s
 ``proposals="bottom"`` (not in the paper) applies the same rule to -a_CLS: P and s come from the
 *least* attended tokens. A CLS token that attends the background (an inverse object map, which the
 tiny CrOC ViTs of this project learn; measured in the README) then still yields object masks.
+``proposals="auto"`` (not in the paper) mines both sides and keeps, per image, the mask that covers
+the smaller fraction of the border tokens of the grid: the background prior that TokenCut and
+MaskCut (CutLER) use to pick the foreground side of a bipartition. Ties keep the paper's side.
 Sorting is stable everywhere, so results do not depend on device or batch size (the released code's
 order is whatever its top-k routine returns; reference §1.1): in the top-k, equal a_CLS values go to the
 lower token index first (common after the mass mask zeroes tokens); in the ascending mass-mask sort,
@@ -36,7 +39,8 @@ class MiningConfig:
     cls_mass: float | None = 0.5
     topk_fraction: float = 0.4
     keep_component: bool = True
-    proposals: str = "top"  # "top": the paper's rule; "bottom": the rule on -a_CLS (see module docstring)
+    proposals: str = "top"  # "top": the paper's rule; "bottom": the rule on -a_CLS; "auto": per image, by the border
+    masks_per_image: int = 1  # the paper's one mask; more: the rule again on the tokens left (extension)
 
 
 def cls_affinity(cls_logits: torch.Tensor, heads: int | None = None) -> torch.Tensor:
@@ -90,36 +94,85 @@ def component_of(mask: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
         cur = grown
 
 
+def border_fraction(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, N) bool token masks on an (h, w) grid -> (B,) fraction of the grid's border tokens inside the mask."""
+    h, w = grid
+    border = torch.ones(h, w, dtype=torch.bool, device=mask.device)
+    if h > 2 and w > 2:
+        border[1:-1, 1:-1] = False
+    border = border.view(-1)
+    return mask[:, border].float().mean(-1)
+
+
 @dataclass
 class MinedMasks:
-    mask: torch.Tensor  # (B, N) bool token masks
-    source: torch.Tensor  # (B,) source token index s
+    mask: torch.Tensor  # (B, N) bool: the union of an image's masks (its one mask in the paper's setting)
+    source: torch.Tensor  # (B,) source token s of the first mask
+    bottom: torch.Tensor  # (B,) bool: the masks were mined from -a_CLS (the least attended side)
+    label: torch.Tensor  # (B, N) uint8: 0 outside every mask, m inside the m-th mask (m = 1..masks_per_image)
+
+
+PROPOSALS = ("top", "bottom", "auto")
 
 
 def mine_masks(cls_logits: torch.Tensor, keys: torch.Tensor, grid: tuple[int, int], cfg: MiningConfig) -> MinedMasks:
-    """Mine one object mask per image for a batch of images sharing the token ``grid`` (h, w).
+    """Mine the object mask(s) of a batch of images sharing the token ``grid`` (h, w).
 
     cls_logits: (B, N, H) raw per-head CLS logits; keys: (B, N, D) patch keys concatenated over heads;
-    N = h * w. Returns token masks (B, N) and the source tokens (B,).
+    N = h * w. With ``proposals="auto"`` both sides are mined and each image keeps the side whose first
+    mask has the lower :func:`border_fraction` (the top side on ties). With ``masks_per_image`` = M > 1
+    (an extension for scene-centric images, not in the paper) the rule runs M times per image, each time on
+    the tokens no earlier mask took: P and s come from those tokens only and the new mask stays inside them.
+    An image stops early when a round finds nothing; its later masks are empty.
     """
     b, n, _ = keys.shape
     if grid[0] * grid[1] != n:
         raise ValueError(f"grid {grid} does not hold {n} tokens")
+    if cfg.proposals not in PROPOSALS:
+        raise ValueError(f"proposals must be one of {PROPOSALS}, got {cfg.proposals!r}")
     a = cls_affinity(cls_logits, cfg.heads)
-    if cfg.proposals == "bottom":
-        a = -a
-    elif cfg.proposals != "top":
-        raise ValueError(f"proposals must be 'top' or 'bottom', got {cfg.proposals!r}")
+    if cfg.proposals == "auto":
+        top, _ = _mine_side(a, keys, grid, cfg)
+        bottom, _ = _mine_side(-a, keys, grid, cfg)
+        side = border_fraction(bottom, grid) < border_fraction(top, grid)
+    else:
+        side = torch.full((b,), cfg.proposals == "bottom", dtype=torch.bool, device=keys.device)
+    a = torch.where(side[:, None], -a, a)
+    label = torch.zeros(b, n, dtype=torch.uint8, device=keys.device)
+    first_source = None
+    for m in range(1, cfg.masks_per_image + 1):
+        mask, source = _mine_side(a, keys, grid, cfg, available=label == 0)
+        label[mask] = m
+        first_source = source if first_source is None else first_source
+    return MinedMasks(mask=label > 0, source=first_source, bottom=side, label=label)
+
+
+def _mine_side(
+    a: torch.Tensor, keys: torch.Tensor, grid: tuple[int, int], cfg: MiningConfig, available: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 2-6 of the module docstring on the affinity ``a`` (B, N): (masks (B, N) bool, sources (B,)).
+
+    ``available`` (B, N) bool restricts the proposals, the source and the mask to those tokens (masks of
+    images with no available token are empty)."""
+    b, n, _ = keys.shape
+    if available is not None:
+        a = a.masked_fill(~available, 0.0)  # no mass in the attention-mass mask
     if cfg.cls_mass is not None:
         a = a * attention_mass_mask(a, cfg.cls_mass)
+    if available is not None:
+        a = a.masked_fill(~available, float("-inf"))
     proposals = topk_indices(a, topk_count(n, cfg.topk_fraction))  # P, (B, k)
     source = proposals[:, 0]
     keys = keys.float()
     k_prop = torch.gather(keys, 1, proposals[..., None].expand(-1, -1, keys.shape[-1]))  # (B, k, D)
     k_src = keys[torch.arange(b, device=keys.device), source]  # (B, D)
     in_p_prime = torch.einsum("bd,bkd->bk", k_src, k_prop) > 0  # A[s, j] > 0 for j in P
+    if available is not None:
+        in_p_prime &= torch.gather(available, 1, proposals)
     k_sum = torch.einsum("bk,bkd->bd", in_p_prime.float(), k_prop)  # Σ_{j∈P'} k_j
     mask = torch.einsum("bnd,bd->bn", keys, k_sum) > 0  # Σ_{j∈P'} A[j, p] > 0
+    if available is not None:
+        mask &= available
     if cfg.keep_component:
         mask = component_of(mask.view(b, *grid), source).view(b, n)
-    return MinedMasks(mask=mask, source=source)
+    return mask, source

@@ -132,7 +132,8 @@ class Mining:
     cls_mass: float | None = p(0.5, lo=0, hi=1, lo_open=True)  # DINO attention-mass mask on a_CLS; null = off
     topk_fraction: float = p(0.4, lo=0, hi=1, lo_open=True)  # |P| / number of patches (paper: 40%)
     keep_component: bool = p(True)  # keep only the 4-connected component holding the source
-    proposals: str = p("bottom", choices=("top", "bottom"))  # top-k by a_CLS (paper) | by -a_CLS (extension)
+    proposals: str = p("auto", choices=("top", "bottom", "auto"))  # by a_CLS (paper) | -a_CLS | per image (ext.)
+    masks_per_image: int = p(1, lo=1, hi=255)  # 1: the paper; more: the rule again on the tokens left (extension)
     upsample: str = p("nearest", choices=("nearest", "pil_bicubic"))  # token mask -> image resolution
     batch_size: int = p(256, lo=1)  # images (of one token grid) mined together
 
@@ -370,6 +371,12 @@ def _check_cross(params: Params) -> None:
     c = params.croc
     if c.n_centroids_max > c.n_tokens:
         raise ParamsError(f"params.yaml: croc.n_centroids_max = {c.n_centroids_max}: must be <= croc.n_tokens")
+
+
+def config_from(cls: type, section: Any, **overrides: Any):
+    """The library dataclass ``cls`` built from the params section fields of the same names (never by position)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    return cls(**{name: getattr(section, name) for name in names if name not in overrides}, **overrides)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

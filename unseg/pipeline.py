@@ -23,7 +23,16 @@ from unseg.mining import MiningConfig, mine_masks
 class MinedImage:
     entry: ImageEntry
     geom: Geometry
-    token_mask: np.ndarray  # (gh, gw) bool
+    token_label: np.ndarray  # (gh, gw) uint8: 0 outside every mask, m inside the m-th
+
+    @property
+    def token_mask(self) -> np.ndarray:
+        """(gh, gw) bool: inside any of the image's masks."""
+        return self.token_label > 0
+
+    def masks(self) -> list[np.ndarray]:
+        """The image's token masks in mining order."""
+        return [self.token_label == m for m in range(1, int(self.token_label.max(initial=0)) + 1)]
 
 
 def mine_images(
@@ -35,14 +44,14 @@ def mine_images(
     device: torch.device,
     batch_size: int = 32,
 ) -> list[MinedImage]:
-    """One mined token mask per image, in the order of ``entries``."""
+    """The mined token masks of every image, in the order of ``entries``."""
     geoms = geometries(entries, short_side, int(model.patch_embed.patch_size[0]), fit)
     out: list[MinedImage | None] = [None] * len(entries)
     for batch in forward_images(model, entries, geoms, batch_size, device):
         vo = batch.out
         mined = mine_masks(vo.cls_logits, vo.patch_keys, vo.grid, cfg)
         for row, i in enumerate(batch.indices):
-            out[i] = MinedImage(entries[i], geoms[i], mined.mask[row].view(vo.grid).cpu().numpy())
+            out[i] = MinedImage(entries[i], geoms[i], mined.label[row].view(vo.grid).cpu().numpy())
     return out  # type: ignore[return-value]
 
 
@@ -60,7 +69,13 @@ def cluster_mined(
     kmeans_batch_size: int = 1000,
 ) -> list[dict]:
     """K-means over the CLS features of the non-empty mined masks: COCO annotations, category = cluster + 1."""
-    items = ((m.entry.id, read_image(m.entry), m.token_mask, m.geom) for m in mined)
-    feats, anns = clustering.mask_features(model, items, input_mode, device, batch_size, upsample)
+
+    def items():
+        for m in mined:
+            image = read_image(m.entry)
+            for mask in m.masks():
+                yield m.entry.id, image, mask, m.geom
+
+    feats, anns = clustering.mask_features(model, items(), input_mode, device, batch_size, upsample)
     clustering.assign_clusters(feats, anns, k, seed, whiten, algorithm, kmeans_batch_size)
     return anns

@@ -209,20 +209,29 @@ def feature_writer(path: str | Path, grids: np.ndarray, dim: int, heads: int, at
 
 
 def write_masks(
-    path: str | Path, features: RaggedStore, token_mask: np.ndarray, source: np.ndarray, attrs: dict
+    path: str | Path,
+    features: RaggedStore,
+    token_label: np.ndarray,
+    source: np.ndarray,
+    bottom: np.ndarray,
+    attrs: dict,
 ) -> Path:
-    """``masks.zarr``: one token mask per image, aligned row-for-row with ``features``."""
+    """``masks.zarr``, aligned row-for-row with ``features``: per token ``token_label`` (0 outside every mask,
+    m inside the image's m-th mask) and ``token_mask`` (inside any); per image the source token of the first
+    mask and ``bottom`` (the masks were mined from the least attended side of a_CLS)."""
     return write_ragged(
         path,
         features.offsets,
         {
-            "token_mask": token_mask.astype(bool),
+            "token_mask": token_label > 0,
+            "token_label": token_label.astype(np.uint8),
             "source": source.astype(np.int32),
+            "bottom": bottom.astype(bool),
             "grid": features.read("grid"),
             "input_size": features.read("input_size"),
             "image_id": features.read("image_id"),
         },
-        ragged={"token_mask"},
+        ragged={"token_mask", "token_label"},
         attrs=attrs,
         lengths=False,
     )

@@ -1,0 +1,64 @@
+"""Mean ± std over seeded runs: hand-made metrics files against numbers computed by hand."""
+
+import math
+
+import pytest
+
+from unseg.evaluation.seeds import aggregate, metric_rows, seeds_markdown, steps_that_earn_their_row
+
+
+def run(mined, mrcnn, filt, deeplab, ceiling=None):
+    out = {
+        "table1": {
+            "1 mined masks + K-means": {"miou": mined, "pixel_accuracy": 0.5, "images": 120},
+            "2 + Mask R-CNN": {"miou": mrcnn, "pixel_accuracy": 0.6, "images": 120},
+            "3 + confidence filter": {"miou": filt, "pixel_accuracy": 0.7, "images": 120},
+            "4 + DeepLab-v3": {"miou": deeplab, "pixel_accuracy": 0.8, "images": 120},
+            "5 + CRF": {"note": "skipped: pydensecrf is not installed"},
+        },
+        "instances": {"maskrcnn_multi": {"AP": 20.0, "AP50": 40.0}},
+    }
+    if ceiling is not None:
+        out["ceiling"] = {"deeplab_miou": ceiling, "maskrcnn_ap50": 60.0, "images": 120}
+    return out
+
+
+def test_metric_rows_keep_numeric_rows_and_name_flat_files_after_themselves():
+    rows = metric_rows("table1", run(0.2, 0.3, 0.4, 0.5)["table1"])
+    assert set(rows) == {"1 mined masks + K-means", "2 + Mask R-CNN", "3 + confidence filter", "4 + DeepLab-v3"}
+    assert metric_rows("ceiling", {"deeplab_miou": 0.7, "note": "x"}) == {"ceiling": {"deeplab_miou": 0.7}}
+
+
+def test_aggregate_gives_the_mean_and_sample_std_of_each_row():
+    agg = aggregate([run(0.2, 0.3, 0.4, 0.5, 0.7), run(0.3, 0.4, 0.5, 0.6, 0.8), run(0.1, 0.2, 0.3, 0.4, 0.6)])
+    row = agg["table1"]["1 mined masks + K-means"]
+    assert row["metric"] == "miou" and row["n"] == 3
+    assert row["mean"] == pytest.approx(0.2) and row["std"] == pytest.approx(0.1)  # sample std of .2 .3 .1
+    assert row["pixel_accuracy"] == {"mean": pytest.approx(0.5), "std": 0.0, "n": 3}
+    assert agg["instances"]["maskrcnn_multi"]["metric"] == "AP50"
+    assert agg["ceiling"]["ceiling"]["deeplab_miou"]["mean"] == pytest.approx(0.7)
+    assert "5 + CRF" not in agg["table1"]
+
+
+def test_a_row_missing_from_one_run_averages_the_runs_that_have_it():
+    first, second = run(0.2, 0.3, 0.4, 0.5), run(0.4, 0.3, 0.4, 0.5)
+    del second["table1"]["4 + DeepLab-v3"]
+    agg = aggregate([first, second])
+    assert agg["table1"]["4 + DeepLab-v3"]["n"] == 1 and agg["table1"]["4 + DeepLab-v3"]["std"] == 0.0
+    assert agg["table1"]["1 mined masks + K-means"]["mean"] == pytest.approx(0.3)
+
+
+def test_a_step_earns_its_row_only_when_its_gain_exceeds_both_stds():
+    # gains 0.1 each; stds: row 1 and 2 vary by 0.2 (std 0.1414...), rows 3 and 4 are constant
+    agg = aggregate([run(0.1, 0.2, 0.4, 0.5), run(0.3, 0.4, 0.4, 0.5)])
+    steps = steps_that_earn_their_row(agg["table1"])
+    assert [s["to"] for s in steps] == ["2 + Mask R-CNN", "3 + confidence filter", "4 + DeepLab-v3"]
+    assert [s["earned"] for s in steps] == [False, False, True]
+    assert steps[0]["gain"] == pytest.approx(0.1) and math.isclose(steps[2]["gain"], 0.1)
+
+
+def test_markdown_shows_mean_std_and_percent_of_ceiling():
+    agg = aggregate([run(0.2, 0.3, 0.4, 0.5, 0.8), run(0.2, 0.3, 0.4, 0.5, 0.8)])
+    text = seeds_markdown(agg, [0, 1])
+    assert "| 4 + DeepLab-v3 | 50.0 ± 0.0 | 80.0 ± 0.0 | 62 % | +10.0 |" in text
+    assert "| maskrcnn_ap50 | 60.0 ± 0.0 |" in text

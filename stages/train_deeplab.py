@@ -20,9 +20,10 @@ from unseg import store
 from unseg.cli import log, parser, run_stage
 from unseg.coco import read_json
 from unseg.data.index import DatasetIndex, read_image
-from unseg.deeplab import SemanticBatches, build_deeplab, predict_semantic, train_deeplab
+from unseg.deeplab import DeepLabTraining, SemanticBatches, build_deeplab, predict_semantic, train_deeplab
 from unseg.errors import UserError
 from unseg.evaluation.report import score_label_maps
+from unseg.params import config_from
 from unseg.train import harness as H
 
 
@@ -85,29 +86,9 @@ def main(args, params) -> None:
             if score > best["miou"] and info.is_main:
                 torch.save({"miou": score, "epoch": epoch, "state": model.state_dict()}, best_file)
 
-    ran = train_deeplab(
-        model,
-        batches,
-        len(entries),
-        p.epochs,
-        p.batch_size,
-        p.lr,
-        p.lr_step_epochs,
-        p.gamma,
-        p.momentum,
-        p.weight_decay,
-        p.ohem_fraction,
-        p.ohem_count,
-        ckpt,
-        args.ckpt / "loss.csv",
-        device,
-        p.seed,
-        p.amp,
-        p.workers,
-        p.ckpt_every,
-        info,
-        on_epoch_end,
-    )
+    training = config_from(DeepLabTraining, p)
+    log_path = args.ckpt / "loss.csv"
+    ran = train_deeplab(model, batches, len(entries), training, ckpt, log_path, device, info, on_epoch_end)
     if not info.is_main:
         return
     if p.select_best_on_val and best_file.exists():

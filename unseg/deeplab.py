@@ -10,6 +10,7 @@ no gradient and BatchNorm statistics kept (:func:`set_train_mode`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -309,32 +310,44 @@ class SemanticBatches:
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
+@dataclass(frozen=True)
+class DeepLabTraining:
+    """The optimisation of :func:`train_deeplab` (built from the ``deeplab`` params by field name)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    lr_step_epochs: Sequence[int] = ()
+    gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    ohem_fraction: float = 0.2
+    ohem_count: str = "all"
+    ohem_warmup_epochs: int = 0
+    seed: int = 0
+    amp: bool = True
+    workers: int = 0
+    ckpt_every: int = 100
+
+
 def train_deeplab(
     model: nn.Module,
     batches,
     n_images: int,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    step_epochs: Sequence[int],
-    gamma: float,
-    momentum: float,
-    weight_decay: float,
-    ohem_fraction: float,
-    ohem_count: str,
+    t: DeepLabTraining,
     ckpt,
     log_path,
     device: torch.device,
-    seed: int,
-    amp: bool = True,
-    workers: int = 0,
-    ckpt_every: int = 100,
     info=None,
     on_epoch_end=None,
 ) -> int:
-    """SGD on hard-pixel-mined cross-entropy for ``epochs`` epochs; resumes from ``ckpt``. Returns steps run.
+    """SGD on hard-pixel-mined cross-entropy for ``t.epochs`` epochs; resumes from ``ckpt``. Returns steps run.
 
-    ``on_epoch_end(epoch)`` is called after each completed epoch (used by the best-epoch reproduction flag).
+    The lr is multiplied by ``t.gamma`` after each epoch of ``t.lr_step_epochs`` (released: after 40 of 45).
+    The first ``t.ohem_warmup_epochs`` epochs use plain cross-entropy (an extension for training from scratch,
+    where mining the hardest 20 % of the pixels from the first step starves the easy ones); the rest use
+    :func:`ohem_cross_entropy` with ``t.ohem_fraction``. ``on_epoch_end(epoch)`` is called after each
+    completed epoch (used by the best-epoch reproduction flag).
     """
     from unseg.train import harness as H
 
@@ -342,30 +355,32 @@ def train_deeplab(
     model.to(device)
     ddp = H.wrap_ddp(model, info, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    steps_per_epoch = max(1, -(-n_images // batch_size))
-    total = epochs * steps_per_epoch
-    data = H.StepBatches(n_images, batch_size, seed, batches, info)
+    opt = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    steps_per_epoch = max(1, -(-n_images // t.batch_size))
+    total = t.epochs * steps_per_epoch
+    data = H.StepBatches(n_images, t.batch_size, t.seed, batches, info)
 
     def step_fn(step: int, batch) -> dict[str, float]:
-        cur = H.step_decay(lr, step // steps_per_epoch, step_epochs, gamma)  # released: x0.1 after epoch 40 of 45
+        epoch = step // steps_per_epoch
+        cur = H.step_decay(t.lr, epoch, t.lr_step_epochs, t.gamma)
         for g in opt.param_groups:
             g["lr"] = cur
+        fraction = 1.0 if epoch < t.ohem_warmup_epochs else t.ohem_fraction
         images, labels = batch
-        out = deeplab_train_step(ddp, opt, images, labels, device, ohem_fraction, 255, ohem_count, amp)
+        out = deeplab_train_step(ddp, opt, images, labels, device, fraction, 255, t.ohem_count, t.amp)
         if on_epoch_end is not None and (step + 1) % steps_per_epoch == 0:
             on_epoch_end((step + 1) // steps_per_epoch)
         return {**out, "lr": cur}
 
     return H.train_loop(
         step_fn,
-        lambda start: H.step_loader(data, start, total, workers),
+        lambda start: H.step_loader(data, start, total, t.workers),
         {"model": model, "optimizer": opt},
         total,
         ckpt,
         log_path,
-        ckpt_every,
-        seed,
+        t.ckpt_every,
+        t.seed,
         info,
         desc="deeplab",
     )

@@ -221,6 +221,7 @@ class Deeplab:
     label_fill: int = p(255, choices=(0, 255))  # label of pixels outside the warped image (released: 0)
     ohem_fraction: float = p(0.2, lo=0, hi=1, lo_open=True)  # hard pixel mining: top 20% (1.0 = plain CE)
     ohem_count: str = p("all", choices=("all", "valid"))
+    ohem_warmup_epochs: int = p(0, lo=0)  # plain cross-entropy for these first epochs, then hard pixel mining
     select_best_on_val: bool = p(False)  # reproduction only: keep the epoch with the best val mIoU (uses labels)
     ckpt_every: int = p(100, lo=1)
     workers: int = p(0, lo=0)

@@ -18,10 +18,8 @@ import torch
 
 from unseg.cli import log, parser, run_stage
 from unseg.data.index import DatasetIndex
-from unseg.data.transforms import token_mask_to_pixels
 from unseg.errors import UserError
 from unseg.evaluation import backbone as B
-from unseg.evaluation.metrics import ForegroundIoU
 from unseg.evaluation.report import group_by_image, rasterise_annotations, score_label_maps
 from unseg.evaluation.video import read_davis_sequences
 from unseg.mining import MiningConfig
@@ -29,13 +27,6 @@ from unseg.models.vit import create_vit, load_vit_weights
 from unseg.params import config_from
 from unseg.pipeline import cluster_mined, mine_images
 from unseg.train.harness import resolve_device
-
-
-def mask_fg_iou(mined, gts, upsample: str) -> float | None:
-    fg = ForegroundIoU()
-    for m, gt in zip(mined, gts, strict=True):
-        fg.update(token_mask_to_pixels(m.token_mask, m.geom, upsample), gt)
-    return fg.result()["iou"]
 
 
 def protocols(model, params, index, train, train_gts, val, val_gts, videos, device) -> tuple[dict, list]:
@@ -71,9 +62,13 @@ def protocols(model, params, index, train, train_gts, val, val_gts, videos, devi
             ev.video_temperature,
         )["JF"]
     cfg = config_from(MiningConfig, m)
-    mined = mine_images(model, val, f.short_side, f.fit, cfg, device, f.batch_size)
     if index.classes[0].lower() == "background":
-        out["mask_fg_iou"] = mask_fg_iou(mined, val_gts, m.upsample)
+        polarity, mined = B.mask_polarity(
+            model, val, val_gts, f.short_side, f.fit, cfg, device, f.batch_size, m.upsample
+        )
+        out.update(polarity)
+    else:
+        mined = mine_images(model, val, f.short_side, f.fit, cfg, device, f.batch_size)
     return out, mined
 
 

@@ -86,7 +86,17 @@ def test_repro_writes_every_artifact(micro_repo):
     baselines = json.loads((micro_repo / "artifacts/metrics/baselines.json").read_text())
     assert len(baselines) == 3
     backbone = json.loads((micro_repo / "artifacts/metrics/backbone.json").read_text())
-    assert set(backbone["pretrained"]) == {"dense_kmeans_miou", "linear_probe_miou", "davis_jf", "mask_fg_iou"}
+    assert set(backbone["pretrained"]) == {
+        "dense_kmeans_miou",
+        "linear_probe_miou",
+        "davis_jf",
+        "mask_fg_iou",
+        "mask_fg_iou_top",
+        "mask_fg_iou_bottom",
+        "polarity_accuracy",
+    }
+    for scores in (backbone["pretrained"], backbone["random_init"]):
+        assert all(0 <= scores[k] <= 1 for k in ("mask_fg_iou_top", "mask_fg_iou_bottom", "polarity_accuracy"))
     labels = json.loads((micro_repo / "artifacts/pseudo_labels/instances.json").read_text())
     assert len(labels["images"]) == 24 and len(labels["categories"]) == 3
     preds = json.loads((micro_repo / "artifacts/maskrcnn/predictions.json").read_text())

@@ -24,6 +24,7 @@ class MinedImage:
     entry: ImageEntry
     geom: Geometry
     token_label: np.ndarray  # (gh, gw) uint8: 0 outside every mask, m inside the m-th
+    bottom: bool = False  # mined from the least attended side of a_CLS
 
     @property
     def token_mask(self) -> np.ndarray:
@@ -51,7 +52,8 @@ def mine_images(
         vo = batch.out
         mined = mine_masks(vo.cls_logits, vo.patch_keys, vo.grid, cfg)
         for row, i in enumerate(batch.indices):
-            out[i] = MinedImage(entries[i], geoms[i], mined.label[row].view(vo.grid).cpu().numpy())
+            label = mined.label[row].view(vo.grid).cpu().numpy()
+            out[i] = MinedImage(entries[i], geoms[i], label, bool(mined.bottom[row]))
     return out  # type: ignore[return-value]
 
 

@@ -12,6 +12,7 @@ Features are the last layer's normalised patch tokens at the same geometry as ma
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -23,13 +24,17 @@ from unseg.data.transforms import (
     geometry,
     original_to_canvas,
     token_map_to_pixels,
+    token_mask_to_pixels,
     vit_input,
 )
 from unseg.evaluation.dense import dense_kmeans_labels
+from unseg.evaluation.metrics import ForegroundIoU
 from unseg.evaluation.probe import predict_probe, train_linear_probe
 from unseg.evaluation.report import score_label_maps
 from unseg.evaluation.video import evaluate_sequence, propagate_labels, read_annotation, read_frame, summarize_davis
 from unseg.features import forward_images, geometries
+from unseg.mining import MiningConfig
+from unseg.pipeline import MinedImage, mine_images
 
 
 @torch.no_grad()
@@ -124,3 +129,48 @@ def video_jf(
         results.append(evaluate_sequence(pred, gts))
     summary = summarize_davis(results)
     return {"J": summary["J"], "F": summary["F"], "JF": summary["JF"], "sequences": len(results)}
+
+
+def _fg_ious(mined: Sequence[MinedImage], gts: Sequence[np.ndarray], upsample: str) -> tuple[float | None, np.ndarray]:
+    """Dataset-level foreground IoU of the mined masks, and each image's own IoU (0 when undefined)."""
+    total, per_image = ForegroundIoU(), []
+    for m, gt in zip(mined, gts, strict=True):
+        pixels = token_mask_to_pixels(m.token_mask, m.geom, upsample)
+        total.update(pixels, gt)
+        one = ForegroundIoU()
+        one.update(pixels, gt)
+        per_image.append(one.result()["iou"] or 0.0)
+    return total.result()["iou"], np.array(per_image)
+
+
+def mask_polarity(
+    model: torch.nn.Module,
+    entries: Sequence[ImageEntry],
+    gts: Sequence[np.ndarray],
+    short_side: int,
+    fit: str,
+    cfg: MiningConfig,
+    device: torch.device,
+    batch_size: int = 32,
+    upsample: str = "nearest",
+) -> tuple[dict, list[MinedImage]]:
+    """Foreground IoU of the masks mined by ``cfg`` and by each fixed side of a_CLS (``top``: the paper's rule,
+    ``bottom``), and ``polarity_accuracy``: the fraction of images on which the side ``cfg`` used gives a
+    mask whose foreground IoU is at least the other side's (ground truth decides which side holds the
+    objects). Returns the scores and the masks mined by ``cfg``."""
+    mined = {
+        side: mine_images(model, entries, short_side, fit, replace(cfg, proposals=side), device, batch_size)
+        for side in ("top", "bottom")
+    }
+    chosen = mined[cfg.proposals] if cfg.proposals in mined else None
+    if chosen is None:
+        chosen = mine_images(model, entries, short_side, fit, cfg, device, batch_size)
+    out, per_image = {}, {}
+    for side, masks in mined.items():
+        out[f"mask_fg_iou_{side}"], per_image[side] = _fg_ious(masks, gts, upsample)
+    out["mask_fg_iou"], _ = _fg_ious(chosen, gts, upsample)
+    bottom = np.array([m.bottom for m in chosen])
+    own = np.where(bottom, per_image["bottom"], per_image["top"])
+    other = np.where(bottom, per_image["top"], per_image["bottom"])
+    out["polarity_accuracy"] = float(np.mean(own >= other)) if len(own) else None
+    return out, chosen

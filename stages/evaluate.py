@@ -37,6 +37,7 @@ from unseg.evaluation.table1 import (
     score_split,
     stored_label_maps,
 )
+from unseg.models.checkpoint import read_checkpoint
 from unseg.train.harness import resolve_device
 
 COLUMNS = [("miou", "mIoU (Hungarian)"), ("pixel_accuracy", "pixel acc."), ("miou_majority", "mIoU (majority)")]
@@ -128,7 +129,7 @@ def main(args, params) -> None:
         rows["1 mined masks + K-means"]["mask_fg_iou"] = mined_mask_fg_iou(
             args.masks, args.features, index, gts, params.mining.upsample
         )
-    ckpt = torch.load(args.deeplab / "model.pt", map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(args.deeplab / "model.pt", "DeepLab model")
     model = build_deeplab(ckpt["num_classes"], d.backbone, d.output_stride, d.aspp_rates, d.freeze_blocks)
     model.load_state_dict(ckpt["model"])
     model.eval().to(device)

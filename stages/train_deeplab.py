@@ -23,6 +23,7 @@ from unseg.data.index import DatasetIndex, read_image
 from unseg.deeplab import DeepLabTraining, SemanticBatches, build_deeplab, predict_semantic, train_deeplab
 from unseg.errors import UserError
 from unseg.evaluation.report import score_label_maps
+from unseg.models.checkpoint import read_checkpoint
 from unseg.params import config_from
 from unseg.train import harness as H
 
@@ -82,7 +83,7 @@ def main(args, params) -> None:
                 len(index.classes),
                 index.ignore_index,
             )["miou"]
-            best = torch.load(best_file, weights_only=False) if best_file.exists() else {"miou": -1.0}
+            best = read_checkpoint(best_file, "best epoch") if best_file.exists() else {"miou": -1.0}
             if score > best["miou"] and info.is_main:
                 torch.save({"miou": score, "epoch": epoch, "state": model.state_dict()}, best_file)
 
@@ -92,7 +93,7 @@ def main(args, params) -> None:
     if not info.is_main:
         return
     if p.select_best_on_val and best_file.exists():
-        best = torch.load(best_file, weights_only=False)
+        best = read_checkpoint(best_file, "best epoch")
         model.load_state_dict(best["state"])
         log("train_deeplab", f"select_best_on_val: keeping epoch {best['epoch']} (val mIoU {best['miou']:.3f})")
     log("train_deeplab", f"{ran} steps run now; predicting on {len(index.images)} images")

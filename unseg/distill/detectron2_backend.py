@@ -21,6 +21,7 @@ import torch
 
 from unseg.coco import annotation, read_json, write_json
 from unseg.errors import UserError
+from unseg.models.checkpoint import read_checkpoint
 from unseg.models.resnet import resnet_state_dict_from_checkpoint
 
 MISSING_DETECTRON2 = (
@@ -180,10 +181,7 @@ def resnet_to_detectron2_names(state: Mapping[str, torch.Tensor]) -> dict[str, n
 
 def convert_backbone_weights(path: str | Path, out_path: str | Path) -> Path:
     """Write a detectron2 ``.pkl`` (``{'model': ..., 'matching_heuristics': True}``) from a torch ResNet checkpoint."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise UserError(f"backbone weights: cannot read {path} as a torch checkpoint ({err})") from err
+    obj = read_checkpoint(path, "backbone weights")
     state, _, _ = resnet_state_dict_from_checkpoint(obj, str(path))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

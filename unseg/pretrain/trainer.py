@@ -8,10 +8,10 @@ the first steps) -> EMA teacher update with the cosine momentum schedule.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -154,7 +154,7 @@ def train_croc(
     def step_fn(step: int, batch) -> dict[str, float]:
         views, pos = batch
         lr = H.cosine_lr(step, t.steps, base_lr, t.warmup_steps, t.min_lr)
-        wd = t.weight_decay_end + 0.5 * (t.weight_decay - t.weight_decay_end) * (1 + np.cos(np.pi * step / t.steps))
+        wd = t.weight_decay_end + 0.5 * (t.weight_decay - t.weight_decay_end) * (1 + math.cos(math.pi * step / t.steps))
         for i, g in enumerate(opt.param_groups):
             g["lr"] = lr
             if i == 0:

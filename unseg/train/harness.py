@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from unseg.errors import UserError
+from unseg.models.checkpoint import read_checkpoint
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -204,7 +205,7 @@ class CheckpointDir:
 
     def load(self) -> dict | None:
         files = self._files()
-        return torch.load(files[-1], map_location="cpu", weights_only=False) if files else None
+        return read_checkpoint(files[-1], "resumable checkpoint") if files else None
 
     def save(self, step: int, state: dict) -> None:
         if not self.is_main:

@@ -88,10 +88,10 @@ def main(args, params) -> None:
     videos = read_davis_sequences(root) if root.is_dir() else []
     if ev.video_root and not videos:
         raise UserError(f"evaluate.video_root: no DAVIS sequences under {root}")
-    pretrained = create_vit(b.arch, b.patch_size, b.depth)
+    pretrained = create_vit(b.arch, b.patch_size, b.depth, stem=b.stem)
     load_vit_weights(pretrained, args.backbone)
     torch.manual_seed(ev.seed)
-    random_vit = create_vit(b.arch, b.patch_size, b.depth)
+    random_vit = create_vit(b.arch, b.patch_size, b.depth, stem=b.stem)
     result, mined = {}, {}
     for name, model in (("pretrained", pretrained), ("random_init", random_vit)):
         model.eval().to(device)

@@ -24,7 +24,7 @@ def main(args, params) -> None:
     b, fp = params.backbone, params.features
     device = resolve_device(fp.device)
     index = DatasetIndex.load(args.index)
-    model = create_vit(b.arch, b.patch_size, b.depth)
+    model = create_vit(b.arch, b.patch_size, b.depth, stem=b.stem)
     load_vit_weights(model, args.backbone)
     model.eval().to(device)
     entries = index.images

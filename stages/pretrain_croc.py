@@ -60,6 +60,8 @@ def training_digest(b, c, entries) -> str:
     """What determines the trained weights: architecture, CrOC params and the training images' bytes."""
     croc = {k: v for k, v in vars(c).items() if k not in RUNTIME_KEYS}
     arch = {"arch": b.arch, "patch_size": b.patch_size, "depth": b.depth}
+    if b.stem != "patch":  # the digests of patch-stem checkpoints stay what they were
+        arch["stem"] = b.stem
     return H.params_digest(arch, croc, [H.file_digest(e.file) for e in entries])
 
 
@@ -85,10 +87,10 @@ def write_empty_outs(args, why: str) -> None:
 
 def main(args, params) -> None:
     b, c = params.backbone, params.croc
-    meta = {"arch": b.arch, "patch_size": b.patch_size, "depth": b.depth}
+    meta = {"arch": b.arch, "patch_size": b.patch_size, "depth": b.depth, "stem": b.stem}
     if b.weights:
         write_empty_outs(args, f"backbone.weights: {b.weights}")
-        model = create_vit(b.arch, b.patch_size, b.depth)
+        model = create_vit(b.arch, b.patch_size, b.depth, stem=b.stem)
         load_vit_weights(model, b.weights, b.checkpoint_key)
         save_dino_checkpoint(model, args.out, meta={**meta, "source": f"converted from {b.weights}"})
         log("pretrain_croc", f"backbone.weights given: validated and converted {b.weights} -> {args.out}")
@@ -107,7 +109,7 @@ def main(args, params) -> None:
     info = H.setup_distributed(device)
     training, objective = split_croc_params(c)
     torch.manual_seed(c.seed)
-    models = build_models(b.arch, b.patch_size, b.depth, training)
+    models = build_models(b.arch, b.patch_size, b.depth, training, stem=b.stem)
     if c.steps == 0:
         log("pretrain_croc", "WARNING: croc.steps = 0: writing a randomly initialised ViT")
     ckpt = H.CheckpointDir(args.ckpt, digest, info.is_main)

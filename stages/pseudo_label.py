@@ -27,7 +27,7 @@ def cluster_model(params, backbone_path):
     """The ViT whose CLS tokens are clustered: the mining ViT, or ``cluster.weights`` (paper: ViT-S/8)."""
     c, b = params.cluster, params.backbone
     if c.weights is None:
-        model = create_vit(b.arch, b.patch_size, b.depth)
+        model = create_vit(b.arch, b.patch_size, b.depth, stem=b.stem)
         load_vit_weights(model, backbone_path, "teacher")
     else:
         model = create_vit(c.arch or b.arch, c.patch_size or b.patch_size, c.depth or b.depth)

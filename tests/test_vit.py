@@ -72,3 +72,24 @@ def test_mismatches_are_clear_user_errors(vit, tmp_path):
     (tmp_path / "junk.pth").write_text("not a checkpoint")
     with pytest.raises(UserError, match="cannot read"):
         load_vit_weights(vit, tmp_path / "junk.pth")
+
+
+def test_conv_stem_keeps_the_token_grid_and_round_trips(tmp_path):
+    conv = create_vit("vit_tiny_patch16_224", patch_size=8, depth=2, stem="conv")
+    out = forward_with_qk(conv.eval(), torch.randn(2, 3, 48, 64))
+    assert out.grid == (6, 8) and out.patch_keys.shape[:2] == (2, 48)
+    strided = [m for m in conv.patch_embed.proj if isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)]
+    assert len(strided) == 3  # 8 = 2^3
+    path = tmp_path / "conv.pth"
+    save_dino_checkpoint(conv, path, meta={})
+    again = create_vit("vit_tiny_patch16_224", patch_size=8, depth=2, stem="conv")
+    load_vit_weights(again, path)
+    assert all(torch.equal(a, b) for a, b in zip(conv.state_dict().values(), again.state_dict().values(), strict=True))
+    with pytest.raises(UserError, match="conv stem, backbone.stem is patch"):
+        load_vit_weights(create_vit("vit_tiny_patch16_224", patch_size=8, depth=2), path)
+    with pytest.raises(UserError, match="patch stem, backbone.stem is conv"):
+        patch_path = tmp_path / "patch.pth"
+        save_dino_checkpoint(create_vit("vit_tiny_patch16_224", patch_size=8, depth=2), patch_path, meta={})
+        load_vit_weights(again, patch_path)
+    with pytest.raises(UserError, match="power-of-two"):
+        create_vit("vit_tiny_patch16_224", patch_size=6, depth=2, stem="conv")

@@ -67,6 +67,7 @@ class Backbone:
     arch: str = p("vit_tiny_patch16_224")
     patch_size: int = p(8, lo=2)
     depth: int | None = p(4, lo=1)
+    stem: str = p("patch", choices=("patch", "conv"))  # patchify conv (ViT) | conv stem (Xiao et al. 2021)
     weights: str | None = p(None)  # a local DINO/timm checkpoint; null = train with pretrain_croc
     checkpoint_key: str = p("teacher")
 

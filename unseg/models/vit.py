@@ -24,6 +24,26 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+STEMS = ("patch", "conv")
+
+
+def conv_stem(patch_size: int, dim: int) -> nn.Sequential:
+    """Xiao et al. 2021 ("Early convolutions help transformers see better"): log2(patch) 3x3 stride-2
+    conv-BN-ReLU layers (widths dim/2^(n-1) ... dim) and a 1x1 conv to ``dim``, in place of the single
+    patch x patch "patchify" conv. Same stride, so the token grid is unchanged."""
+    n = patch_size.bit_length() - 1
+    if patch_size < 2 or 1 << n != patch_size:
+        raise UserError(f"backbone.stem: conv needs a power-of-two patch size, backbone.patch_size is {patch_size}")
+    layers: list[nn.Module] = []
+    c_in = 3
+    for i in range(n):
+        c_out = max(16, dim >> (n - 1 - i))
+        layers += [nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        c_in = c_out
+    layers.append(nn.Conv2d(c_in, dim, 1))
+    return nn.Sequential(*layers)
+
+
 def create_vit(
     arch: str,
     patch_size: int | None = None,
@@ -31,12 +51,14 @@ def create_vit(
     img_size: int = 224,
     drop_path_rate: float = 0.0,
     reg_tokens: int = 0,
+    stem: str = "patch",
 ) -> nn.Module:
     """A randomly initialised timm ViT that accepts any input size (pos-embed interpolated).
 
     ``patch_size`` and ``depth`` override the architecture's defaults when given, so
     ``vit_tiny_patch16_224`` with ``patch_size=8, depth=4`` is a 4-block ViT-Ti/8. ``reg_tokens`` adds
     register tokens (Darcet et al. 2024) after the CLS token; they are prefix tokens, never mined.
+    ``stem="conv"`` replaces the patchify conv by :func:`conv_stem` (the blocks, q/k and grid are unchanged).
     """
     kwargs: dict = dict(
         pretrained=False,
@@ -57,7 +79,30 @@ def create_vit(
         raise UserError(f"backbone.arch: timm has no model {arch!r} ({err})") from err
     if not hasattr(model, "blocks") or not hasattr(model.blocks[-1], "attn"):
         raise UserError(f"backbone.arch: {arch!r} is not a plain ViT with attention blocks")
+    if stem not in STEMS:
+        raise UserError(f"backbone.stem must be one of {STEMS}, got {stem!r}")
+    if stem == "conv":
+        model.patch_embed.proj = conv_stem(vit_patch_size(model), model.embed_dim)
     return model
+
+
+def vit_stem(model: nn.Module) -> str:
+    return "conv" if isinstance(model.patch_embed.proj, nn.Sequential) else "patch"
+
+
+def _state_stem(state: dict[str, torch.Tensor]) -> tuple[str, int, int] | None:
+    """(stem, patch size, embed dim) of a ViT state dict, None when it has no patch embedding."""
+    if "patch_embed.proj.weight" in state:
+        w = state["patch_embed.proj.weight"]
+        return "patch", int(w.shape[-1]), int(w.shape[0])
+    convs = sorted(
+        (k for k, v in state.items() if k.startswith("patch_embed.proj.") and k.endswith(".weight") and v.ndim == 4),
+        key=lambda k: int(k.split(".")[2]),
+    )
+    if not convs:
+        return None
+    strided = sum(1 for k in convs if state[k].shape[-1] == 3)
+    return "conv", 1 << strided, int(state[convs[-1]].shape[0])
 
 
 def vit_patch_size(model: nn.Module) -> int:
@@ -155,14 +200,16 @@ def vit_state_dict_from_checkpoint(obj: dict, key: str = "teacher") -> dict[str,
 def check_vit_compatible(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Stop with one clear line when a checkpoint does not fit the configured architecture."""
     want_p = vit_patch_size(model)
-    w = state.get("patch_embed.proj.weight")
-    if w is None:
-        raise UserError(f"{source}: no 'patch_embed.proj.weight' found; not a ViT checkpoint")
-    if w.shape[-1] != want_p:
-        raise UserError(f"{source}: checkpoint has patch size {w.shape[-1]}, backbone.patch_size is {want_p}")
-    dim = model.embed_dim
-    if w.shape[0] != dim:
-        raise UserError(f"{source}: checkpoint has embed dim {w.shape[0]}, backbone.arch gives {dim}")
+    found = _state_stem(state)
+    if found is None:
+        raise UserError(f"{source}: no patch embedding ('patch_embed.proj.*') found; not a ViT checkpoint")
+    stem, patch, dim = found
+    if stem != vit_stem(model):
+        raise UserError(f"{source}: checkpoint has a {stem} stem, backbone.stem is {vit_stem(model)}")
+    if patch != want_p:
+        raise UserError(f"{source}: checkpoint has patch size {patch}, backbone.patch_size is {want_p}")
+    if dim != model.embed_dim:
+        raise UserError(f"{source}: checkpoint has embed dim {dim}, backbone.arch gives {model.embed_dim}")
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     if depth != len(model.blocks):
         raise UserError(f"{source}: checkpoint has {depth} blocks, the configured backbone has {len(model.blocks)}")

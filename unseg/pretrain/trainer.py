@@ -63,10 +63,13 @@ class CrOCModels:
     teacher_head: CrOCHead
 
 
-def build_models(arch: str, patch: int, depth: int | None, t: CrOCTraining, reg_tokens: int = 0) -> CrOCModels:
+def build_models(
+    arch: str, patch: int, depth: int | None, t: CrOCTraining, reg_tokens: int = 0, stem: str = "patch"
+) -> CrOCModels:
     """Student (with drop-path) and a teacher that starts as its exact copy, each with a CrOC head."""
-    student = create_vit(arch, patch, depth, img_size=t.crop_size, drop_path_rate=t.drop_path, reg_tokens=reg_tokens)
-    teacher = create_vit(arch, patch, depth, img_size=t.crop_size, reg_tokens=reg_tokens)
+    kw = dict(img_size=t.crop_size, reg_tokens=reg_tokens, stem=stem)
+    student = create_vit(arch, patch, depth, drop_path_rate=t.drop_path, **kw)
+    teacher = create_vit(arch, patch, depth, **kw)
     teacher.load_state_dict(student.state_dict())
     dim = student.embed_dim
 

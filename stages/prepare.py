@@ -32,6 +32,7 @@ def main(args, params) -> None:
             d.max_side,
             d.seed,
             progress=lambda it: tqdm(it, desc="generate", mininterval=1.0),
+            palette=d.palette,
         )
         if d.video_sequences:
             data_index.prepare_generated_video(

@@ -87,3 +87,29 @@ def test_camvid_adapter_maps_void_to_ignore():
 def test_folder_adapter_on_real_images():
     idx = index_folder(SHARED / "coco-mini" / "images", limit=5)
     assert len(idx.images) == 5 and not idx.has_ground_truth and idx.read_semantic(idx.images[0]) is None
+
+
+def test_category_palette_puts_each_category_in_its_own_hue_band():
+    import colorsys
+
+    from unseg.data.generated import render_sample
+
+    n = 4
+    for i in range(12):
+        image, semantic, _ = render_sample(i, 0, n, 3, 64, 80, palette="category")
+        for c in np.unique(semantic[semantic > 0]):
+            pixels = image[semantic == c].astype(np.float64) / 255.0
+            hues = np.array([colorsys.rgb_to_hsv(*px)[0] for px in pixels[::7]])
+            saturated = np.array([colorsys.rgb_to_hsv(*px)[1] for px in pixels[::7]]) > 0.3
+            # the band of category c is centred at (c - 1) / n with half-width 0.3 / n (+ pixel noise)
+            distance = np.abs((hues[saturated] - (c - 1) / n + 0.5) % 1.0 - 0.5)
+            assert np.median(distance) < 0.3 / n + 0.03
+
+
+def test_random_palette_is_the_default_and_unchanged():
+    from unseg.data.generated import render_sample
+
+    a, _, _ = render_sample(3, 0, 4, 3, 64, 80)
+    b, _, _ = render_sample(3, 0, 4, 3, 64, 80, palette="random")
+    c, _, _ = render_sample(3, 0, 4, 3, 64, 80, palette="category")
+    assert np.array_equal(a, b) and not np.array_equal(a, c)

@@ -55,6 +55,7 @@ class Data:
     n_val: int = p(120, lo=1)
     n_categories: int = p(4, lo=2, hi=5)
     max_instances: int = p(3, lo=1, hi=6)
+    palette: str = p("random", choices=("random", "category"))  # object colours: random | a hue band per category
     min_side: int = p(96, lo=32)
     max_side: int = p(128, lo=32)
     video_sequences: int = p(2, lo=0)  # generated DAVIS-layout videos for the propagation protocol

@@ -29,10 +29,31 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(0.0, 1.0, size=3)
 
 
-def _contrasting_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Two random colours whose brightness differs enough for the texture to be visible."""
+PALETTES = ("random", "category")
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
+    """One HSV colour (each in [0, 1]) -> RGB in [0, 1]."""
+    k = (np.array([5.0, 3.0, 1.0]) + 6.0 * h) % 6.0
+    return v - v * s * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
+def _palette_colour(rng: np.random.Generator, category: int | None, n_categories: int) -> np.ndarray:
+    """A random colour; with a category, its hue lies in that category's band (60 % of a 1/n-th of the hue
+    circle, bands centred at c/n), saturation in [0.45, 1], value in [0.35, 1]."""
+    if category is None:
+        return _random_colour(rng)
+    hue = (category + rng.uniform(-0.3, 0.3)) / n_categories
+    return _hsv_to_rgb(hue % 1.0, rng.uniform(0.45, 1.0), rng.uniform(0.35, 1.0))
+
+
+def _contrasting_pair(
+    rng: np.random.Generator, category: int | None = None, n_categories: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two colours whose brightness differs enough for the texture to be visible: random, or from the
+    hue band of ``category`` (:func:`_palette_colour`)."""
     while True:
-        a, b = _random_colour(rng), _random_colour(rng)
+        a, b = _palette_colour(rng, category, n_categories), _palette_colour(rng, category, n_categories)
         if abs(a.mean() - b.mean()) > 0.25 or np.abs(a - b).max() > 0.55:
             return a, b
 
@@ -116,9 +137,13 @@ def cluttered_background(h: int, w: int, rng: np.random.Generator, saturation: f
 
 
 def render_image(
-    h: int, w: int, n_categories: int, max_instances: int, rng: np.random.Generator
+    h: int, w: int, n_categories: int, max_instances: int, rng: np.random.Generator, palette: str = "random"
 ) -> tuple[np.ndarray, np.ndarray, list[Instance]]:
-    """One image: uint8 (H, W, 3), semantic uint8 (H, W) and the visible instances (front-most last)."""
+    """One image: uint8 (H, W, 3), semantic uint8 (H, W) and the visible instances (front-most last).
+
+    ``palette="random"``: object colours say nothing about the category; ``"category"``: each category
+    draws its colours from its own hue band, as classes in photos have typical colours (the clutter keeps
+    random muted colours)."""
     img = cluttered_background(h, w, rng)
     semantic = np.zeros((h, w), np.uint8)
     owner = np.full((h, w), -1, np.int32)
@@ -137,7 +162,7 @@ def render_image(
         cat = int(rng.integers(0, n_categories))
         mask = shape_mask(CATEGORIES[cat], h, w, cx, cy, r, rng.uniform(0, 2 * np.pi))
         pattern = texture(TEXTURES[cat], h, w, cx, cy, rng)
-        col_a, col_b = _contrasting_pair(rng)
+        col_a, col_b = _contrasting_pair(rng, cat if palette == "category" else None, n_categories)
         img[mask] = np.where(pattern[mask][:, None], col_a, col_b)
         semantic[mask] = cat + 1
         owner[mask] = len(placed)
@@ -155,11 +180,19 @@ def image_size(rng: np.random.Generator, min_side: int, max_side: int) -> tuple[
     return int(rng.choice(sides)), int(rng.choice(sides))
 
 
-def render_sample(index: int, seed: int, n_categories: int, max_instances: int, min_side: int, max_side: int):
+def render_sample(
+    index: int,
+    seed: int,
+    n_categories: int,
+    max_instances: int,
+    min_side: int,
+    max_side: int,
+    palette: str = "random",
+):
     """Sample ``index`` of the dataset, a pure function of (index, seed)."""
     rng = np.random.default_rng([seed, index])
     h, w = image_size(rng, min_side, max_side)
-    return render_image(h, w, n_categories, max_instances, rng)
+    return render_image(h, w, n_categories, max_instances, rng, palette)
 
 
 def render_video(

@@ -140,6 +140,7 @@ def prepare_generated(
     max_side: int,
     seed: int,
     progress=None,
+    palette: str = "random",
 ) -> DatasetIndex:
     """Write the embedded dataset (PNG images, PNG semantic maps, COCO instances json) and its index."""
     out = Path(out_dir)
@@ -149,7 +150,7 @@ def prepare_generated(
     splits = ["train"] * n_train + ["val"] * n_val
     it = progress(range(len(splits))) if progress else range(len(splits))
     for i in it:
-        img, sem, instances = generated.render_sample(i, seed, n_categories, max_instances, min_side, max_side)
+        img, sem, instances = generated.render_sample(i, seed, n_categories, max_instances, min_side, max_side, palette)
         name = f"{i:06d}.png"
         Image.fromarray(img).save(out / "images" / name, optimize=False, compress_level=1)
         Image.fromarray(sem).save(out / "semantic" / name, compress_level=1)

@@ -24,8 +24,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q; status=$$?; \
 	if [ $$status -eq 5 ]; then echo 'pytest collected no tests' >&2; fi; exit $$status
 
-# seeded runs (K-means, Mask R-CNN and DeepLab seeds 0 1 2) and the supervised ceiling, as DVC experiments;
-# writes artifacts/metrics/seeds.json and seeds.md (mean ± std). SEEDS="0 1 2 3 4" for more.
+# seeded runs (K-means, Mask R-CNN and DeepLab seeds 0 1 2; seed 0 is params.yaml's, i.e. the workspace run),
+# one DVC experiment each; writes artifacts/metrics/seeds.json and seeds.md (mean ± std). SEEDS="0 1 2 3 4" for more.
 SEEDS ?= 0 1 2
 seeds: $(STAMP)
 	$(PY) scripts/seeds.py run --seeds $(SEEDS)

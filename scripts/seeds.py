@@ -1,14 +1,16 @@
 """Seeded runs with DVC's own machinery: one experiment per seed, then mean ± std of every metric.
 
-    python scripts/seeds.py run [--seeds 0 1 2] [--jobs 1] [--no-ceiling]   # queue and run the experiments
-    python scripts/seeds.py collect [--seeds 0 1 2]                          # seeds.json and seeds.md
+    python scripts/seeds.py run [--seeds 0 1 2] [--ceiling]   # one DVC experiment per seed
+    python scripts/seeds.py collect [--seeds 0 1 2] [--ceiling]  # seeds.json and seeds.md
 
-``run`` queues ``dvc exp run --queue -n seed-<s> -S cluster.seed=<s> -S distill.seed=<s> -S deeplab.seed=<s>``
-for each seed (the pipeline, and the supervised ceiling of ``ceiling/dvc.yaml`` unless ``--no-ceiling``)
-and runs the queue (``dvc exp run --run-all``). Each experiment is a full, honest run in its own
-temporary copy of the project; upstream stages that no seed touches (the backbone, features and masks)
-come from DVC's run cache. ``collect`` reads the experiments' metrics from ``dvc exp show --json`` and
-writes ``artifacts/metrics/seeds.json`` and ``artifacts/metrics/seeds.md``; ``dvc exp show`` lists them.
+``run`` runs ``dvc exp run --temp -n seed-<s> -S cluster.seed=<s> -S distill.seed=<s> -S deeplab.seed=<s>``
+for each seed, one after the other (the root pipeline, plus the supervised ceiling of ``ceiling/dvc.yaml``
+with ``--ceiling``). Each experiment is a full, honest run in its own temporary copy of the project;
+stages that no seed touches (the committed backbone, features, masks) are unchanged there and skipped,
+and a seed equal to the workspace's params is the workspace run itself. Without ``--ceiling`` the
+supervised ceiling is the workspace's one run (``make ceiling``), reported with n = 1. ``collect`` reads the
+experiments' metrics from ``dvc exp show --json`` and writes ``artifacts/metrics/seeds.json`` and
+``artifacts/metrics/seeds.md``; ``dvc exp show`` lists them.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ def dvc(*args: str, capture: bool = False) -> str:
     return proc.stdout if capture else ""
 
 
-def run(seeds: list[int], jobs: int, ceiling: bool) -> None:
+def run(seeds: list[int], ceiling: bool) -> None:
     targets = ["dvc.yaml", "ceiling/dvc.yaml"] if ceiling else ["dvc.yaml"]
     for s in seeds:
         sets = [arg for key in SEEDED for arg in ("-S", f"{key}={s}")]
-        dvc("exp", "run", "--queue", "-f", "-n", f"seed-{s}", *sets, *targets)
-    dvc("exp", "run", "--run-all", "-j", str(jobs))
+        subprocess.run([sys.executable, "-m", "dvc", "exp", "remove", f"seed-{s}"], capture_output=True)
+        print(f"seeds: experiment seed-{s}", flush=True)
+        # the resumable training dirs are untracked (persist, cache: false): copied so unchanged stages skip
+        dvc("exp", "run", "--temp", "-n", f"seed-{s}", "-C", "artifacts/scratch", *sets, *targets)
 
 
 def experiment_metrics(shown, names: set[str]) -> dict[str, dict]:
@@ -63,13 +67,20 @@ def experiment_metrics(shown, names: set[str]) -> dict[str, dict]:
     return found
 
 
-def collect(seeds: list[int], out: Path) -> None:
+def collect(seeds: list[int], out: Path, ceiling: bool) -> None:
     names = {f"seed-{s}" for s in seeds}
     runs = experiment_metrics(json.loads(dvc("exp", "show", "--json", capture=True)), names)
     missing = sorted(names - set(runs))
     if missing:
         sys.exit(f"seeds: no finished experiment named {', '.join(missing)} (run: python scripts/seeds.py run)")
-    agg = aggregate([runs[f"seed-{s}"] for s in seeds])
+    per_seed = [runs[f"seed-{s}"] for s in seeds]
+    if not ceiling:  # the experiments only carry the committed ceiling.json: count it once, not once per seed
+        for run_metrics in per_seed:
+            run_metrics.pop("ceiling", None)
+    agg = aggregate(per_seed)
+    workspace_ceiling = out / "ceiling.json"
+    if not ceiling and workspace_ceiling.is_file():
+        agg.update(aggregate([{"ceiling": json.loads(workspace_ceiling.read_text())}]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "seeds.json").write_text(json.dumps({"seeds": seeds, **agg}, indent=2) + "\n")
     (out / "seeds.md").write_text(seeds_markdown(agg, seeds))
@@ -80,14 +91,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=("run", "collect"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--jobs", type=int, default=1, help="experiments run in parallel (run)")
-    ap.add_argument("--no-ceiling", action="store_true", help="skip the supervised ceiling (run)")
+    ap.add_argument("--ceiling", action="store_true", help="the ceiling per seed too (default: once, make ceiling)")
     ap.add_argument("--out", type=Path, default=Path("artifacts/metrics"))
     args = ap.parse_args()
     if args.command == "run":
-        run(args.seeds, args.jobs, not args.no_ceiling)
+        run(args.seeds, args.ceiling)
     else:
-        collect(args.seeds, args.out)
+        collect(args.seeds, args.out, args.ceiling)
 
 
 if __name__ == "__main__":

@@ -58,12 +58,13 @@ def deep_update(base: dict, new: dict) -> dict:
     return base
 
 
-def make_repo(repo: Path, overrides: dict) -> Path:
-    """A copy of the project with ``overrides`` on top of params.yaml, after a full ``dvc repro``."""
+def make_repo(repo: Path, overrides: dict, profile: Path = ROOT / "params.yaml") -> Path:
+    """A copy of the project with ``overrides`` on top of ``profile`` as its params.yaml, after a full
+    ``dvc repro``."""
     for name in ("dvc.yaml", "stages", "unseg", "configs", "checkpoints", "ceiling", "scripts"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
-    params = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
+    params = deep_update(yaml.safe_load(profile.read_text()), overrides)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], repo)
     run([sys.executable, "-m", "dvc", "init", "-q"], repo)
@@ -167,3 +168,24 @@ def test_the_whole_chain_runs_on_coco_mini(tmp_path):
     preds = json.loads((repo / "artifacts/maskrcnn/predictions.json").read_text())
     index = json.loads((repo / "data/prepared/index.json").read_text())
     assert {p["image_id"] for p in preds} <= {e["id"] for e in index["images"]}
+
+
+CAMVID = ROOT.parent / "shared" / "data" / "camvid"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CAMVID.is_dir(), reason="../shared/data/camvid not present")
+def test_the_photos_profile_runs_on_camvid_frames(tmp_path):
+    # configs/photos.yaml with the micro budget: CrOC from scratch, training and evaluation on the same frames
+    camvid = deep_update(
+        json.loads(json.dumps(MICRO)),
+        {"data": {"root": str(CAMVID), "limit": 6}, "cluster": {"classes": 3}, "evaluate": {"crf": False}},
+    )
+    repo = make_repo(tmp_path, camvid, ROOT / "configs" / "photos.yaml")
+    index = json.loads((repo / "data/prepared/index.json").read_text())
+    assert len(index["images"]) == 6 and index["classes"][0] == "Sky" and len(index["classes"]) == 11
+    labels = json.loads((repo / "artifacts/pseudo_labels/instances.json").read_text())
+    per_image = [sum(a["image_id"] == e["id"] for a in labels["annotations"]) for e in index["images"]]
+    assert max(per_image) > 1  # several masks per scene (mining.masks_per_image: 4)
+    table1 = json.loads((repo / "artifacts/metrics/table1.json").read_text())
+    assert all(0 <= row["miou"] <= 1 and row["images"] == 6 for row in table1.values())

@@ -44,6 +44,17 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     assert not torch.equal(init.teacher.blocks[0].attn.qkv.weight, straight["blocks.0.attn.qkv.weight"])
 
 
+def test_a_longer_schedule_stops_early_on_it(tmp_path):
+    # croc.schedule_steps > croc.steps: the first 2 steps of a 4-step schedule, bit for bit, not a 2-step schedule
+    worker.run(tmp_path / "a", tmp_path / "four.pt", steps=4, ckpt_every=2)
+    worker.run(tmp_path / "b", tmp_path / "two_of_four.pt", steps=2, schedule_steps=4, ckpt_every=2)
+    worker.run(tmp_path / "c", tmp_path / "two.pt", steps=2, ckpt_every=2)
+    at_two = torch.load(tmp_path / "a" / "ckpt_1" / "step_00000002.pt")["parts"]["teacher"]
+    early, short = torch.load(tmp_path / "two_of_four.pt"), torch.load(tmp_path / "two.pt")
+    assert all(torch.equal(at_two[k], early[k]) for k in early)
+    assert not all(torch.equal(short[k], early[k]) for k in early)
+
+
 @pytest.mark.slow
 def test_two_process_gloo_ddp_agrees_with_one_process(tmp_path):
     worker.run(tmp_path, tmp_path / "single.pt")
@@ -146,7 +157,15 @@ def test_committed_tiny_checkpoint_matches_the_tiny_params_and_data(tmp_path):
     params = load_params(ROOT / "params.yaml")
     d = params.data
     index = prepare_generated(
-        tmp_path / "data", d.n_train, d.n_val, d.n_categories, d.max_instances, d.min_side, d.max_side, d.seed
+        tmp_path / "data",
+        d.n_train,
+        d.n_val,
+        d.n_categories,
+        d.max_instances,
+        d.min_side,
+        d.max_side,
+        d.seed,
+        palette=d.palette,
     )
     digest = training_digest(params.backbone, params.croc, index.split(d.train_split))
     reuse_checkpoint(str(ROOT / params.croc.reuse), digest, tmp_path / "vit.pth")

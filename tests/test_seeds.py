@@ -62,3 +62,11 @@ def test_markdown_shows_mean_std_and_percent_of_ceiling():
     text = seeds_markdown(agg, [0, 1])
     assert "| 4 + DeepLab-v3 | 50.0 ± 0.0 | 80.0 ± 0.0 | 62 % | +10.0 |" in text
     assert "| maskrcnn_ap50 | 60.0 ± 0.0 |" in text
+
+
+def test_a_single_run_says_so_instead_of_a_zero_std():
+    agg = aggregate([run(0.2, 0.3, 0.4, 0.5), run(0.2, 0.3, 0.4, 0.5)])
+    agg.update(aggregate([{"ceiling": {"deeplab_miou": 0.8, "maskrcnn_ap50": 60.0}}]))
+    text = seeds_markdown(agg, [0, 1])
+    assert "| **supervised ceiling** (DeepLab on ground truth) | 80.0 (1 run) |" in text
+    assert "| 4 + DeepLab-v3 | 50.0 ± 0.0 |" in text and "| maskrcnn_ap50 | 60.0 (1 run) |" in text

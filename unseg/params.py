@@ -55,7 +55,7 @@ class Data:
     n_val: int = p(120, lo=1)
     n_categories: int = p(4, lo=2, hi=5)
     max_instances: int = p(3, lo=1, hi=6)
-    palette: str = p("random", choices=("random", "category"))  # object colours: random | a hue band per category
+    palette: str = p("category", choices=("random", "category"))  # object colours: random | a hue band per category
     min_side: int = p(96, lo=32)
     max_side: int = p(128, lo=32)
     video_sequences: int = p(2, lo=0)  # generated DAVIS-layout videos for the propagation protocol
@@ -68,7 +68,7 @@ class Backbone:
     arch: str = p("vit_tiny_patch16_224")
     patch_size: int = p(8, lo=2)
     depth: int | None = p(4, lo=1)
-    stem: str = p("patch", choices=("patch", "conv"))  # patchify conv (ViT) | conv stem (Xiao et al. 2021)
+    stem: str = p("conv", choices=("patch", "conv"))  # patchify conv (ViT) | conv stem (Xiao et al. 2021)
     weights: str | None = p(None)  # a local DINO/timm checkpoint; null = train with pretrain_croc
     checkpoint_key: str = p("teacher")
 
@@ -76,13 +76,14 @@ class Backbone:
 @dataclass(frozen=True)
 class Croc:
     reuse: str | None = p(None)  # a checkpoint this stage wrote with exactly these params and data: no training
-    steps: int = p(1200, lo=0)
+    steps: int = p(500, lo=0)
+    schedule_steps: int | None = p(1200, lo=1)  # lr/wd/momentum schedule length (null: steps); > steps stops early
     batch_size: int = p(32, lo=1)
     crop_size: int = p(64, lo=16)
     crop_scale_min: float = p(0.25, lo=0, hi=1, lo_open=True)
     crop_scale_max: float = p(1.0, lo=0, hi=1, lo_open=True)
     blur_sigma_max: float = p(0.5, lo=0.1)
-    hue: float = p(0.1, lo=0, hi=0.5)
+    hue: float = p(0.02, lo=0, hi=0.5)
     saturation: float = p(0.2, lo=0)
     grayscale_p: float = p(0.2, lo=0, hi=1)
     lr: float = p(0.02, lo=0, lo_open=True)
@@ -148,7 +149,7 @@ class Cluster:
     whiten: bool = p(True)
     algorithm: str = p("minibatch", choices=("minibatch", "faiss"))
     kmeans_batch_size: int = p(1000, lo=1)
-    seed: int = p(1234, lo=0)
+    seed: int = p(0, lo=0)
     weights: str | None = p(None)  # a different ViT for the CLS features (paper: ViT-S/8); null = same
     arch: str | None = p(None)
     patch_size: int | None = p(None, lo=2)
@@ -164,11 +165,11 @@ class Distill:
     backbone: str = p("resnet18", choices=("resnet18", "resnet34", "resnet50", "resnet101"))
     fpn: bool = p(True)  # FPN; false = C4 (the paper's R50-C4)
     backbone_weights: str | None = p(None)  # local torchvision / MoCo checkpoint; null = from scratch
-    trainable_layers: int = p(3, lo=0, hi=5)  # 3 = stem and layer1 frozen ("first two stages")
-    steps: int = p(600, lo=1)
+    trainable_layers: int = p(5, lo=0, hi=5)  # 5: all trainable; 3 = stem and layer1 frozen ("first two stages")
+    steps: int = p(450, lo=1)
     batch_size: int = p(4, lo=1)
     lr: float = p(0.01, lo=0, lo_open=True)
-    lr_steps: list[int] = p([480, 560])
+    lr_steps: list[int] = p([360, 420])
     warmup_steps: int = p(50, lo=0)
     momentum: float = p(0.9, lo=0, hi=1)
     weight_decay: float = p(1e-4, lo=0)
@@ -183,7 +184,7 @@ class Distill:
     representation_size: int = p(256, lo=8)
     mask_head_channels: list[int] = p([128, 128])
     fpn_channels: int = p(128, lo=8)
-    box_batch_size_per_image: int = p(128, lo=1)
+    box_batch_size_per_image: int = p(64, lo=1)
     rpn_batch_size_per_image: int = p(128, lo=1)
     detections_per_image: int = p(20, lo=1)
     score_threshold: float = p(0.05, lo=0, hi=1)  # predictions below are not written
@@ -204,14 +205,14 @@ class Filter:
 @dataclass(frozen=True)
 class Deeplab:
     backbone: str = p("resnet18", choices=("resnet18", "resnet34", "resnet50", "resnet101"))
-    output_stride: int = p(8, choices=(8, 16, 32))
+    output_stride: int = p(16, choices=(8, 16, 32))
     aspp_rates: list[int] = p([12, 24, 36])
-    freeze_blocks: int = p(2, lo=0, hi=4)  # stem+layer1 (1), +layer2 (2), ...
+    freeze_blocks: int = p(0, lo=0, hi=4)  # stem+layer1 (1), +layer2 (2), ...
     backbone_weights: str | None = p(None)
-    epochs: int = p(8, lo=1)
+    epochs: int = p(10, lo=1)
     batch_size: int = p(8, lo=1)
-    lr: float = p(0.01, lo=0, lo_open=True)
-    lr_step_epochs: list[int] = p([6])
+    lr: float = p(0.02, lo=0, lo_open=True)
+    lr_step_epochs: list[int] = p([8])
     gamma: float = p(0.1, lo=0, hi=1)
     momentum: float = p(0.9, lo=0, hi=1)
     weight_decay: float = p(1e-4, lo=0)
@@ -221,7 +222,7 @@ class Deeplab:
     max_rotation: float = p(5.0, lo=0)
     flip_p: float = p(0.5, lo=0, hi=1)
     label_fill: int = p(255, choices=(0, 255))  # label of pixels outside the warped image (released: 0)
-    ohem_fraction: float = p(0.2, lo=0, hi=1, lo_open=True)  # hard pixel mining: top 20% (1.0 = plain CE)
+    ohem_fraction: float = p(1.0, lo=0, hi=1, lo_open=True)  # hard pixels: top fraction (paper 0.2; 1.0: plain CE)
     ohem_count: str = p("all", choices=("all", "valid"))
     ohem_warmup_epochs: int = p(0, lo=0)  # plain cross-entropy for these first epochs, then hard pixel mining
     select_best_on_val: bool = p(False)  # reproduction only: keep the epoch with the best val mIoU (uses labels)
@@ -374,6 +375,8 @@ def _check_cross(params: Params) -> None:
     c = params.croc
     if c.n_centroids_max > c.n_tokens:
         raise ParamsError(f"params.yaml: croc.n_centroids_max = {c.n_centroids_max}: must be <= croc.n_tokens")
+    if c.schedule_steps is not None and c.schedule_steps < c.steps:
+        raise ParamsError(f"params.yaml: croc.schedule_steps = {c.schedule_steps}: must be >= croc.steps ({c.steps})")
 
 
 def config_from(cls: type, section: Any, **overrides: Any):

@@ -64,7 +64,11 @@ def aggregate(runs: Sequence[Mapping[str, Mapping]]) -> dict:
 
 
 def _pm(s: Mapping | None, scale: float = 100.0) -> str:
-    return "–" if not s else f"{scale * s['mean']:.1f} ± {scale * s['std']:.1f}"
+    if not s:
+        return "–"
+    if s["n"] == 1:
+        return f"{scale * s['mean']:.1f} (1 run)"
+    return f"{scale * s['mean']:.1f} ± {scale * s['std']:.1f}"
 
 
 def steps_that_earn_their_row(table1: Mapping) -> list[dict]:

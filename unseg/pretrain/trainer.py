@@ -28,6 +28,7 @@ class CrOCTraining:
     """Optimisation and architecture knobs (the objective's constants are in ``CrOCConfig``)."""
 
     steps: int
+    schedule_steps: int | None = None  # length of the lr / weight-decay / momentum schedules (None: steps)
     batch_size: int = 32
     crop_size: int = 64
     crop_scale_min: float = 0.25
@@ -139,9 +140,11 @@ def train_croc(
     device: torch.device,
     info: H.DistInfo = H.SINGLE_PROCESS,
 ) -> int:
-    """Train in place for ``t.steps`` steps (resuming from ``ckpt``); returns the number of steps run."""
+    """Train in place for ``t.steps`` steps (resuming from ``ckpt``) of schedules ``t.schedule_steps`` long
+    (``t.steps`` when None: a full schedule; longer: stop early on it); returns the number of steps run."""
     if t.steps == 0:
         return 0
+    horizon = t.schedule_steps or t.steps
     patch = int(models.student.patch_embed.patch_size[0])
     for m in (models.student, models.teacher, models.student_head, models.teacher_head):
         m.to(device)
@@ -156,8 +159,8 @@ def train_croc(
 
     def step_fn(step: int, batch) -> dict[str, float]:
         views, pos = batch
-        lr = H.cosine_lr(step, t.steps, base_lr, t.warmup_steps, t.min_lr)
-        wd = t.weight_decay_end + 0.5 * (t.weight_decay - t.weight_decay_end) * (1 + math.cos(math.pi * step / t.steps))
+        lr = H.cosine_lr(step, horizon, base_lr, t.warmup_steps, t.min_lr)
+        wd = t.weight_decay_end + 0.5 * (t.weight_decay - t.weight_decay_end) * (1 + math.cos(math.pi * step / horizon))
         for i, g in enumerate(opt.param_groups):
             g["lr"] = lr
             if i == 0:
@@ -183,7 +186,7 @@ def train_croc(
         if step < t.freeze_last_layer_steps:
             cancel_last_layer_grads(models.student_head)
         opt.step()
-        m = teacher_momentum(step, t.steps, t.momentum_teacher)
+        m = teacher_momentum(step, horizon, t.momentum_teacher)
         ema_update(models.teacher, models.student, m)
         ema_update(models.teacher_head, models.student_head, m)
         return {**logs, "lr": lr}

@@ -9,7 +9,7 @@ with ``--ceiling``). Each experiment is a full, honest run in its own temporary 
 stages that no seed touches (the committed backbone, features, masks) are unchanged there and skipped,
 and a seed equal to the workspace's params is the workspace run itself. Without ``--ceiling`` the
 supervised ceiling is the workspace's one run (``make ceiling``), reported with n = 1. ``collect`` reads the
-experiments' metrics from ``dvc exp show --json`` and writes ``artifacts/metrics/seeds.json`` and
+experiments' metrics from ``dvc exp show --json --all-commits`` and writes ``artifacts/metrics/seeds.json`` and
 ``artifacts/metrics/seeds.md``; ``dvc exp show`` lists them.
 """
 
@@ -69,7 +69,7 @@ def experiment_metrics(shown, names: set[str]) -> dict[str, dict]:
 
 def collect(seeds: list[int], out: Path, ceiling: bool) -> None:
     names = {f"seed-{s}" for s in seeds}
-    runs = experiment_metrics(json.loads(dvc("exp", "show", "--json", capture=True)), names)
+    runs = experiment_metrics(json.loads(dvc("exp", "show", "--json", "--all-commits", capture=True)), names)
     missing = sorted(names - set(runs))
     if missing:
         sys.exit(f"seeds: no finished experiment named {', '.join(missing)} (run: python scripts/seeds.py run)")

@@ -70,3 +70,9 @@ def test_a_single_run_says_so_instead_of_a_zero_std():
     text = seeds_markdown(agg, [0, 1])
     assert "| **supervised ceiling** (DeepLab on ground truth) | 80.0 (1 run) |" in text
     assert "| 4 + DeepLab-v3 | 50.0 ± 0.0 |" in text and "| maskrcnn_ap50 | 60.0 (1 run) |" in text
+
+
+def test_a_loss_larger_than_the_std_is_called_a_loss():
+    agg = aggregate([run(0.3, 0.5, 0.40, 0.5), run(0.3, 0.5, 0.42, 0.5)])
+    text = seeds_markdown(agg, [0, 1])
+    assert "| 3 + confidence filter | 41.0 ± 1.4 |" in text and "-9.0 (a loss beyond the std)" in text

@@ -78,8 +78,15 @@ def steps_that_earn_their_row(table1: Mapping) -> list[dict]:
     out = []
     for (a, ra), (b, rb) in zip(zip(names, rows, strict=True), zip(names[1:], rows[1:], strict=True), strict=False):
         gain = rb["mean"] - ra["mean"]
-        out.append({"from": a, "to": b, "gain": gain, "earned": bool(gain > max(ra["std"], rb["std"]))})
+        spread = max(ra["std"], rb["std"])
+        out.append({"from": a, "to": b, "gain": gain, "spread": spread, "earned": bool(gain > spread)})
     return out
+
+
+def _verdict(step: Mapping) -> str:
+    if step["earned"]:
+        return ""
+    return " (a loss beyond the std)" if step["gain"] < -step["spread"] else " (within the std)"
 
 
 def seeds_markdown(agg: Mapping, seeds: Sequence[int]) -> str:
@@ -96,7 +103,7 @@ def seeds_markdown(agg: Mapping, seeds: Sequence[int]) -> str:
     for name, row in table1.items():
         pct = f"{100 * row['mean'] / ceiling_miou:.0f} %" if ceiling_miou else "–"
         g = gains.get(name)
-        gain = "–" if g is None else f"{100 * g['gain']:+.1f}{'' if g['earned'] else ' (within the std)'}"
+        gain = "–" if g is None else f"{100 * g['gain']:+.1f}{_verdict(g)}"
         lines.append(f"| {name} | {_pm(row)} | {_pm(row.get('pixel_accuracy'))} | {pct} | {gain} |")
     for name, row in agg.get("baselines", {}).items():
         lines.append(f"| baseline: {name} | {_pm(row)} | {_pm(row.get('pixel_accuracy'))} | | |")
@@ -124,7 +131,9 @@ def seeds_markdown(agg: Mapping, seeds: Sequence[int]) -> str:
         ]
     backbone = agg.get("backbone", {})
     if backbone:
-        metrics = sorted({m for r in backbone.values() for m, s in r.items() if isinstance(s, Mapping)})
+        metrics = sorted(
+            {m for r in backbone.values() for m, s in r.items() if isinstance(s, Mapping) and m != "images"}
+        )
         lines += ["", "| Backbone protocols | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
         lines += [f"| {n} | " + " | ".join(_pm(r.get(m)) for m in metrics) + " |" for n, r in backbone.items()]
     return "\n".join(lines) + "\n"

@@ -14,6 +14,22 @@ from unseg.cli import log, parser, run_stage
 from unseg.data import index as data_index
 
 
+def generate(d, out, progress=None) -> data_index.DatasetIndex:
+    """The embedded dataset that the ``data`` params section ``d`` describes, written to ``out``."""
+    return data_index.prepare_generated(
+        out,
+        d.n_train,
+        d.n_val,
+        d.n_categories,
+        d.max_instances,
+        d.min_side,
+        d.max_side,
+        d.seed,
+        progress=progress,
+        palette=d.palette,
+    )
+
+
 def main(args, params) -> None:
     d = params.data
     out = args.out
@@ -22,18 +38,7 @@ def main(args, params) -> None:
     out.mkdir(parents=True)
     splits = list(dict.fromkeys(s for s in (d.train_split, d.val_split) if s))  # one split for both: indexed once
     if d.dataset == "generated":
-        idx = data_index.prepare_generated(
-            out,
-            d.n_train,
-            d.n_val,
-            d.n_categories,
-            d.max_instances,
-            d.min_side,
-            d.max_side,
-            d.seed,
-            progress=lambda it: tqdm(it, desc="generate", mininterval=1.0),
-            palette=d.palette,
-        )
+        idx = generate(d, out, progress=lambda it: tqdm(it, desc="generate", mininterval=1.0))
         if d.video_sequences:
             data_index.prepare_generated_video(
                 out / "video", d.video_sequences, d.video_frames, d.max_side, d.max_side, d.n_categories, d.seed

@@ -58,6 +58,11 @@ def deep_update(base: dict, new: dict) -> dict:
     return base
 
 
+def micro(overrides: dict) -> dict:
+    """The micro config with ``overrides`` on top (MICRO itself untouched)."""
+    return deep_update(json.loads(json.dumps(MICRO)), overrides)
+
+
 def make_repo(repo: Path, overrides: dict, profile: Path = ROOT / "params.yaml") -> Path:
     """A copy of the project with ``overrides`` on top of ``profile`` as its params.yaml, after a full
     ``dvc repro``."""
@@ -154,13 +159,12 @@ COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini"
 @pytest.mark.slow
 @pytest.mark.skipif(not COCO_MINI.is_dir(), reason="../shared/data/coco-mini not present")
 def test_the_whole_chain_runs_on_coco_mini(tmp_path):
-    coco = deep_update(
-        json.loads(json.dumps(MICRO)),
+    coco = micro(
         {
             "data": {"dataset": "coco", "root": str(COCO_MINI), "limit": 6},
             "cluster": {"classes": 2},
             "evaluate": {"crf": False},
-        },
+        }
     )
     repo = make_repo(tmp_path, coco)
     table1 = json.loads((repo / "artifacts/metrics/table1.json").read_text())
@@ -177,14 +181,7 @@ CAMVID = ROOT.parent / "shared" / "data" / "camvid"
 @pytest.mark.skipif(not CAMVID.is_dir(), reason="../shared/data/camvid not present")
 def test_the_photos_profile_runs_on_camvid_frames(tmp_path):
     # configs/photos.yaml with the micro budget: CrOC from scratch, training and evaluation on the same frames
-    camvid = deep_update(
-        json.loads(json.dumps(MICRO)),
-        {
-            "data": {"root": str(CAMVID), "limit": 6},
-            "cluster": {"classes": 3},
-            "evaluate": {"crf": False},
-        },
-    )
+    camvid = micro({"data": {"root": str(CAMVID), "limit": 6}, "cluster": {"classes": 3}, "evaluate": {"crf": False}})
     repo = make_repo(tmp_path, camvid, ROOT / "configs" / "photos.yaml")
     index = json.loads((repo / "data/prepared/index.json").read_text())
     assert len(index["images"]) == 6 and index["classes"][0] == "Sky" and len(index["classes"]) == 11

@@ -149,24 +149,14 @@ def test_committed_tiny_checkpoint_matches_the_tiny_params_and_data(tmp_path):
     against a params or generator change that would leave the committed file stale."""
     import yaml
 
+    from stages.prepare import generate
     from stages.pretrain_croc import reuse_checkpoint, training_digest
-    from unseg.data.index import prepare_generated
     from unseg.errors import UserError
     from unseg.params import load_params
 
     params = load_params(ROOT / "params.yaml")
     d = params.data
-    index = prepare_generated(
-        tmp_path / "data",
-        d.n_train,
-        d.n_val,
-        d.n_categories,
-        d.max_instances,
-        d.min_side,
-        d.max_side,
-        d.seed,
-        palette=d.palette,
-    )
+    index = generate(d, tmp_path / "data")
     digest = training_digest(params.backbone, params.croc, index.split(d.train_split))
     reuse_checkpoint(str(ROOT / params.croc.reuse), digest, tmp_path / "vit.pth")
     assert (tmp_path / "vit.pth").read_bytes() == (ROOT / params.croc.reuse).read_bytes()

@@ -37,10 +37,16 @@ from unseg.evaluation.table1 import (
     score_split,
     stored_label_maps,
 )
+from unseg.filtering import IGNORE
 from unseg.models.checkpoint import read_checkpoint
 from unseg.train.harness import resolve_device
 
-COLUMNS = [("miou", "mIoU (Hungarian)"), ("pixel_accuracy", "pixel acc."), ("miou_majority", "mIoU (majority)")]
+COLUMNS = [
+    ("miou", "mIoU (Hungarian)"),
+    ("pixel_accuracy", "pixel acc."),
+    ("object_precision", "object precision"),
+    ("miou_majority", "mIoU (majority)"),
+]
 
 
 def deeplab_feature_list(model, entries, device, where: str, input_size: int) -> list[torch.Tensor]:
@@ -91,6 +97,11 @@ def mined_mask_fg_iou(masks_path, features_path, index: DatasetIndex, gts: dict,
     return fg.result()["iou"]
 
 
+def as_background(maps: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Pseudo-GT pixels left out of training (``filter.uncertain_score``) count as background predictions."""
+    return {i: np.where(m == IGNORE, 0, m) for i, m in maps.items()}
+
+
 def crf_available() -> bool:
     try:
         import pydensecrf.densecrf  # noqa: F401
@@ -122,7 +133,7 @@ def main(args, params) -> None:
     rows = {
         "1 mined masks + K-means": score(annotation_label_maps(pseudo["annotations"], val), k + 1),
         "2 + Mask R-CNN": score(annotation_label_maps(confident, val), k + 1),
-        "3 + confidence filter": score(stored_label_maps(args.semantic, gts), k + 1),
+        "3 + confidence filter": score(as_background(stored_label_maps(args.semantic, gts)), k + 1),
         "4 + DeepLab-v3": score(stored_label_maps(args.deeplab / "predictions.zarr", gts), k + 1),
     }
     if index.classes[0].lower() == "background":

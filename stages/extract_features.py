@@ -30,7 +30,6 @@ def main(args, params) -> None:
     entries = index.images
     geoms = F.geometries(entries, fp.short_side, b.patch_size, fp.fit)
     order = F.plan_order(geoms)
-    batches = F.plan_batches(geoms, order, fp.batch_size)
     grids = np.array([geoms[i].grid for i in order], np.int64)
     attrs = {
         "backbone": {"arch": b.arch, "patch_size": b.patch_size, "depth": b.depth},
@@ -49,11 +48,10 @@ def main(args, params) -> None:
         [(e.id, e.file) for e in entries],
     )
     writer = store.feature_writer(args.out, grids, model.embed_dim, attrs["heads"], attrs, digest)
-    first = next((k for k, bt in enumerate(batches) if bt[0] == writer.done), len(batches))
     if writer.done:
         log("extract_features", f"resuming after {writer.done} of {len(entries)} images")
     bar = tqdm(total=len(entries), initial=writer.done, desc="extract", unit="img", mininterval=1.0)
-    for batch in F.forward_images(model, entries, geoms, fp.batch_size, device, fp.workers, first):
+    for batch in F.forward_images(model, entries, geoms, fp.batch_size, device, fp.workers, writer.done):
         feats = F.batch_features(batch.out)
         writer.write(
             batch.positions[0],

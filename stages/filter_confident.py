@@ -19,7 +19,7 @@ from unseg.cli import log, parser, run_stage
 from unseg.coco import read_json
 from unseg.data.index import DatasetIndex
 from unseg.evaluation.report import group_by_image
-from unseg.filtering import filter_image
+from unseg.filtering import IGNORE, filter_image
 
 
 def main(args, params) -> None:
@@ -29,7 +29,7 @@ def main(args, params) -> None:
     labels, kept_counts = [], []
     for e in tqdm(index.images, desc="filter", mininterval=1.0):
         zero_based = [{**p, "category_id": int(p["category_id"]) - 1} for p in preds.get(e.id, [])]
-        label, kept = filter_image(zero_based, e.height, e.width, f.tau, f.inclusive, f.overlap)
+        label, kept = filter_image(zero_based, e.height, e.width, f.tau, f.inclusive, f.overlap, f.uncertain_score)
         labels.append(label)
         kept_counts.append(len(kept))
     attrs = {"kind": "semantic pseudo-ground-truth", "background": 0, "tau": f.tau, "overlap": f.overlap}
@@ -37,7 +37,8 @@ def main(args, params) -> None:
     summary = {
         "images": len(labels),
         "kept_per_image": float(np.mean(kept_counts)),
-        "labelled_pixel_fraction": float(np.mean([np.mean(lab > 0) for lab in labels])),
+        "labelled_pixel_fraction": float(np.mean([np.mean((lab > 0) & (lab != IGNORE)) for lab in labels])),
+        "ignored_pixel_fraction": float(np.mean([np.mean(lab == IGNORE) for lab in labels])),
     }
     args.summary.parent.mkdir(parents=True, exist_ok=True)
     args.summary.write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,17 +1,22 @@
 """prepare: materialise the dataset named in ``data`` and write the image index.
 
 Reads: params ``data``. Writes: ``<out>/index.json`` (and, for the generated dataset, its images,
-semantic maps and COCO instances json; other datasets are indexed in place, never copied).
+semantic maps and COCO instances json; other datasets are indexed in place, never copied) and
+``<out>/skipped.json``: the images of a real dataset that do not fully decode, or whose shorter side is
+below MIN_SIDE pixels, each skipped with one warning line (unseg/data/images.py states the reading rules).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 
 from tqdm import tqdm
 
 from unseg.cli import log, parser, run_stage
 from unseg.data import index as data_index
+
+MIN_SIDE = 16  # px: a shorter image side is skipped (features.short_side's lower bound)
 
 
 def generate(d, out, progress=None) -> data_index.DatasetIndex:
@@ -51,9 +56,16 @@ def main(args, params) -> None:
         idx = data_index.index_voc(d.root, splits, d.limit)
     else:
         idx = data_index.index_camvid(d.root, splits, d.limit)
+    skipped: dict[str, str] = {}
+    if d.dataset != "generated":
+        idx, skipped = data_index.drop_unreadable(idx, MIN_SIDE)
+        for file, reason in skipped.items():
+            log("prepare", f"warning: skipping {file}: {reason}")
+    (out / "skipped.json").write_text(json.dumps({"count": len(skipped), "images": skipped}, indent=2) + "\n")
     idx.save(out / "index.json")
     counts = {s: len(idx.split(s)) for s in sorted({e.split for e in idx.images})}
-    log("prepare", f"{d.dataset}: {counts} images; ground truth: {'yes' if idx.has_ground_truth else 'no'}")
+    gt = "yes" if idx.has_ground_truth else "no"
+    log("prepare", f"{d.dataset}: {counts} images ({len(skipped)} skipped); ground truth: {gt}")
 
 
 if __name__ == "__main__":

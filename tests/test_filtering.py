@@ -205,3 +205,23 @@ def test_filter_image_empty_and_size_mismatch():
     assert label.shape == (4, 5) and not label.any() and kept == []
     with pytest.raises(UserError, match="mask"):
         filter_image(predictions(4, 5, [((0, 2, 0, 2), 0, 0.99)]), 5, 5, tau=0.9)
+
+
+def test_uncertain_masks_are_ignored_not_background():
+    h, w = 10, 12
+    preds = predictions(
+        h,
+        w,
+        [
+            ((0, 4, 0, 4), 1, 0.95),  # kept
+            ((2, 6, 2, 8), 2, 0.7),  # dropped, uncertain: its pixels outside the kept mask are ignored
+            ((7, 10, 0, 3), 0, 0.3),  # dropped below uncertain_score: background
+        ],
+    )
+    plain, kept = filter_image(preds, h, w, tau=0.9)
+    label, kept_u = filter_image(preds, h, w, tau=0.9, uncertain_score=0.5)
+    assert [p["score"] for p in kept_u] == [p["score"] for p in kept] == [0.95]
+    expected = plain.copy()
+    expected[box_mask(h, w, 2, 6, 2, 8) & ~box_mask(h, w, 0, 4, 0, 4)] = 255
+    np.testing.assert_array_equal(label, expected)
+    assert (label[0:4, 0:4] == 2).all() and (label[7:10, 0:3] == 0).all()

@@ -167,3 +167,14 @@ def test_foreground_iou_hand_count():
     assert res["iou"] == pytest.approx(2 / 6)
     assert res["precision"] == pytest.approx(2 / 4)
     assert res["recall"] == pytest.approx(2 / 4)
+
+
+def test_object_precision_counts_object_pixels_whose_matched_class_is_right():
+    from unseg.evaluation.report import object_precision
+
+    # rows: predicted ids (0 background, 1..2 objects); columns: GT classes
+    conf = np.array([[50, 5, 5], [2, 30, 8], [0, 10, 0]])
+    # id 1 -> class 1 (30 right of 40), id 2 -> class 2 (0 right of 10)
+    assert object_precision(conf, [0, 1, 2]) == pytest.approx(30 / 50)
+    assert object_precision(conf, [0, 1, -1]) == pytest.approx(30 / 50)  # unmatched: wrong
+    assert object_precision(np.array([[5, 1], [0, 0]]), [0, -1]) is None

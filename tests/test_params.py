@@ -33,6 +33,10 @@ def test_shipped_params_files_are_valid():
         ({"features": {"short_side": None}}, "features.short_side = null: must be an int"),
         ({"data": {"dataset": "voc"}}, "data.root is null"),
         ({"data": {"min_side": 200, "max_side": 100}}, "data.min_side = 200: must be <= data.max_side"),
+        ({"mining": {"topk_fraction": "4e1"}}, "mining.topk_fraction = 40.0: must be in (0, 1]"),
+        ({"mining": {"topk_fraction": "nan"}}, "mining.topk_fraction = 'nan': must be a float"),
+        ({"backbone": {"patch_size": 7}}, "croc.crop_size = 64: must be a multiple of backbone.patch_size (7)"),
+        ({"features": {"short_side": 16}, "backbone": {"patch_size": 32}}, "features.short_side = 16: must be >= "),
     ],
 )
 def test_errors_name_the_key_and_the_allowed_range(raw, message):
@@ -40,6 +44,16 @@ def test_errors_name_the_key_and_the_allowed_range(raw, message):
         parse_params(raw)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_exponent_without_a_dot_is_a_float():
+    """YAML 1.1 (PyYAML) reads 4e-1 as the string '4e-1'; it is the float 0.4."""
+    import yaml
+
+    raw = yaml.safe_load("mining:\n  topk_fraction: 4e-1\nfilter:\n  tau: 9E-1\n")
+    assert isinstance(raw["mining"]["topk_fraction"], str)
+    p = parse_params(raw)
+    assert p.mining.topk_fraction == 0.4 and p.filter.tau == 0.9
 
 
 def test_ints_are_accepted_for_floats_and_null_where_allowed():

@@ -60,7 +60,7 @@ def test_a_step_earns_its_row_only_when_its_gain_exceeds_both_stds():
 def test_markdown_shows_mean_std_and_percent_of_ceiling():
     agg = aggregate([run(0.2, 0.3, 0.4, 0.5, 0.8), run(0.2, 0.3, 0.4, 0.5, 0.8)])
     text = seeds_markdown(agg, [0, 1])
-    assert "| 4 + DeepLab-v3 | 50.0 ± 0.0 | 80.0 ± 0.0 | 62 % | +10.0 |" in text
+    assert "| 4 + DeepLab-v3 | 50.0 ± 0.0 | 80.0 ± 0.0 | – | 62 % | +10.0 |" in text
     assert "| maskrcnn_ap50 | 60.0 ± 0.0 |" in text
 
 

@@ -25,10 +25,13 @@ def plan_order(geoms: Sequence[Geometry]) -> np.ndarray:
     return np.array([i for _, i in sorted(keys)], dtype=np.int64)
 
 
-def plan_batches(geoms: Sequence[Geometry], order: np.ndarray, batch_size: int) -> list[list[int]]:
-    """Consecutive runs of ``order`` with one grid, cut to at most ``batch_size`` (positions in ``order``)."""
+def plan_batches(geoms: Sequence[Geometry], order: np.ndarray, batch_size: int, start: int = 0) -> list[list[int]]:
+    """Consecutive runs of ``order[start:]`` with one grid, cut to at most ``batch_size`` (positions in ``order``).
+
+    ``start`` is where a resumed run picks up: any position, so a changed batch size resumes too.
+    """
     batches: list[list[int]] = []
-    for pos, i in enumerate(order):
+    for pos, i in enumerate(order[start:], start):
         if batches and len(batches[-1]) < batch_size and geoms[order[batches[-1][0]]].grid == geoms[i].grid:
             batches[-1].append(pos)
         else:
@@ -107,13 +110,14 @@ def forward_images(
     batch_size: int,
     device: torch.device,
     workers: int = 0,
-    start_batch: int = 0,
+    start: int = 0,
 ) -> Iterator[ForwardBatch]:
     """The ViT on every image, batched by token grid, in float32 (bf16 would change the signs that mining
-    tests, so mined masks would depend on the device). Images are decoded in ``workers`` processes."""
+    tests, so mined masks would depend on the device). Images are decoded in ``workers`` processes.
+    ``start``: the first position of the grid-sorted order to run (a resumed store's ``done``)."""
     order = plan_order(geoms)
-    batches = plan_batches(geoms, order, batch_size)
-    for k, images in iterate_batches(entries, geoms, order, batches, start_batch, workers):
+    batches = plan_batches(geoms, order, batch_size, start)
+    for k, images in iterate_batches(entries, geoms, order, batches, 0, workers):
         positions = batches[k]
         out = forward_with_qk(model, images.to(device, non_blocking=True))
         yield ForwardBatch(k, positions, [int(order[p]) for p in positions], out)

@@ -19,6 +19,7 @@ from unseg.errors import UserError
 
 OVERLAP_RULES = ("confidence", "overwrite", "released")
 MAX_CATEGORY = 253  # 1 + category must stay below the ignore label 255 in a uint8 map
+IGNORE = 255  # pseudo-label of a pixel no loss is taken on
 
 
 def confidence_order(scores: np.ndarray) -> np.ndarray:
@@ -98,6 +99,18 @@ def rasterise_semantic(
     return label
 
 
+def _decode_masks(predictions: Sequence[dict], height: int, width: int) -> np.ndarray:
+    masks = np.zeros((len(predictions), height, width), dtype=bool)
+    for j, pred in enumerate(predictions):
+        mask = decode_rle(pred["segmentation"])
+        if mask.shape != (height, width):
+            raise UserError(
+                f"prediction for image {pred.get('image_id')} has a {mask.shape} mask, the image is {(height, width)}"
+            )
+        masks[j] = mask
+    return masks
+
+
 def filter_image(
     predictions: Sequence[dict],
     height: int,
@@ -105,23 +118,26 @@ def filter_image(
     tau: float,
     inclusive: bool = False,
     overlap: str = "confidence",
+    uncertain_score: float | None = None,
 ) -> tuple[np.ndarray, list[dict]]:
     """Semantic pseudo-label (H, W) uint8 of one image from its COCO result dicts, and the kept results.
 
     Each result needs ``segmentation`` (RLE at the image's resolution), ``category_id`` and ``score``.
     Keeps :func:`select_confident` and paints with :func:`rasterise_semantic`. An image without
     predictions gets an all-background map (the released code writes no PNG for it).
+    ``uncertain_score`` (an extension; None: off, the paper): background pixels covered by a dropped
+    prediction scoring at least this are set to :data:`IGNORE` instead of background, so that an
+    object the filter was unsure of is not taught as background.
     """
     scores = np.array([float(p["score"]) for p in predictions], dtype=np.float64)
-    kept = [predictions[i] for i in select_confident(scores, tau, inclusive)]
-    masks = np.zeros((len(kept), height, width), dtype=bool)
-    for j, pred in enumerate(kept):
-        mask = decode_rle(pred["segmentation"])
-        if mask.shape != (height, width):
-            raise UserError(
-                f"prediction for image {pred.get('image_id')} has a {mask.shape} mask, the image is {(height, width)}"
-            )
-        masks[j] = mask
+    kept_idx = select_confident(scores, tau, inclusive)
+    kept = [predictions[i] for i in kept_idx]
+    masks = _decode_masks(kept, height, width)
     categories = np.array([int(p["category_id"]) for p in kept], dtype=np.int64)
     label = rasterise_semantic(masks, categories, np.array([float(p["score"]) for p in kept]), overlap)
+    if uncertain_score is not None:
+        dropped = np.setdiff1d(np.arange(len(predictions)), kept_idx)
+        unsure = [predictions[i] for i in dropped if scores[i] >= uncertain_score]
+        if unsure:
+            label[_decode_masks(unsure, height, width).any(0) & (label == 0)] = IGNORE
     return label, kept

@@ -200,6 +200,7 @@ class Filter:
     tau: float = p(0.9, lo=0, hi=1)  # keep predictions with score > tau (paper Sec. 3.3)
     inclusive: bool = p(False)  # score >= tau (released script)
     overlap: str = p("confidence", choices=("confidence", "overwrite", "released"))
+    uncertain_score: float | None = p(0.5, lo=0, hi=1)  # dropped masks >= this: ignored, not background
 
 
 @dataclass(frozen=True)
@@ -294,6 +295,14 @@ def _type_name(tp) -> str:
     return f"{name} or null" if nullable else name
 
 
+def _float_literal(text: str) -> Any:
+    """``'4e-1'`` -> 0.4 (YAML 1.1 wants a dot in a float); anything else is returned unchanged."""
+    try:
+        return float(text) if text.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity") else text
+    except ValueError:
+        return text
+
+
 def _check_value(key: str, value: Any, tp, meta: dict) -> Any:
     base, nullable = _unwrap_optional(tp)
     if value is None:
@@ -301,6 +310,8 @@ def _check_value(key: str, value: Any, tp, meta: dict) -> Any:
             return None
         raise ParamsError(f"params.yaml: {key} = null: must be {_type_name(tp)}")
     origin = typing.get_origin(base)
+    if base is float and isinstance(value, str):
+        value = _float_literal(value)  # PyYAML reads 4e-1 (no dot) as a string
     ok = (
         (base is bool and isinstance(value, bool))
         or (base is int and isinstance(value, int) and not isinstance(value, bool))
@@ -375,6 +386,15 @@ def _check_cross(params: Params) -> None:
     c = params.croc
     if c.n_centroids_max > c.n_tokens:
         raise ParamsError(f"params.yaml: croc.n_centroids_max = {c.n_centroids_max}: must be <= croc.n_tokens")
+    patch = params.backbone.patch_size
+    if c.crop_size % patch:
+        raise ParamsError(
+            f"params.yaml: croc.crop_size = {c.crop_size}: must be a multiple of backbone.patch_size ({patch})"
+        )
+    if params.features.short_side < patch:
+        raise ParamsError(
+            f"params.yaml: features.short_side = {params.features.short_side}: must be >= backbone.patch_size ({patch})"
+        )
     if c.schedule_steps is not None and c.schedule_steps < c.steps:
         raise ParamsError(f"params.yaml: croc.schedule_steps = {c.schedule_steps}: must be >= croc.steps ({c.steps})")
 

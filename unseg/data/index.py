@@ -9,6 +9,7 @@ layout. The embedded generated dataset is written by :func:`prepare_generated`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -18,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from unseg import coco
-from unseg.data import generated
+from unseg.data import generated, images
 from unseg.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -118,13 +119,25 @@ class DatasetIndex:
 
 
 def read_image(entry: ImageEntry | str | Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of an index entry or an image path."""
-    path = entry.file if isinstance(entry, ImageEntry) else entry
-    try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: cannot read image ({err})") from err
+    """(H, W, 3) uint8 RGB of an index entry or an image path (:func:`unseg.data.images.read_image`)."""
+    return images.read_image(entry.file if isinstance(entry, ImageEntry) else entry)
+
+
+def drop_unreadable(index: DatasetIndex, min_side: int = 1) -> tuple[DatasetIndex, dict[str, str]]:
+    """The index without the images that do not fully decode (or disagree with their stored size).
+
+    Returns the kept index and {file: reason} of the dropped images; stops with one line when none is left.
+    """
+    good, bad = images.check_images((e.file for e in index.images), min_side)
+    for e in index.images:
+        if e.file in good and good[e.file] != (e.height, e.width):
+            bad[e.file] = f"decodes to {good[e.file][1]}x{good[e.file][0]}, the dataset says {e.width}x{e.height}"
+    kept = [e for e in index.images if e.file not in bad]
+    if not kept:
+        raise UserError(
+            f"data.root: none of the {len(index.images)} images can be read (first: {next(iter(bad.items()))})"
+        )
+    return dataclasses.replace(index, images=kept), bad
 
 
 # ---------------------------------------------------------------- the generated dataset
@@ -176,11 +189,11 @@ def prepare_generated(
 
 
 def _image_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the header; (0, 0) for a file that is not an image (dropped by drop_unreadable)."""
     try:
-        with Image.open(path) as im:
-            return im.height, im.width
-    except OSError as err:
-        raise UserError(f"{path}: cannot read image ({err})") from err
+        return images.image_size(path)
+    except images.ImageError:
+        return 0, 0
 
 
 def _limit(items: list, limit: int | None) -> list:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from unseg.coco import annotation, read_json, write_json
+from unseg.data.images import read_image
 from unseg.errors import UserError
 from unseg.models.checkpoint import read_checkpoint
 from unseg.models.resnet import resnet_state_dict_from_checkpoint
@@ -245,7 +246,6 @@ def train_and_predict_detectron2(
     checkpoint in ``OUTPUT_DIR`` (``out_dir`` when empty).
     """
     _import_detectron2()
-    import cv2
     from detectron2.config import get_cfg
     from detectron2.data import MetadataCatalog
     from detectron2.data.datasets import register_coco_instances
@@ -279,9 +279,7 @@ def train_and_predict_detectron2(
     contiguous_to_id = {v: k for k, v in MetadataCatalog.get(name).thing_dataset_id_to_contiguous_id.items()}
     results = []
     for image_id, path in predict_images:
-        image_bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image_bgr is None:
-            raise UserError(f"cannot read image {path}")
+        image_bgr = np.ascontiguousarray(read_image(path)[:, :, ::-1])  # the pipeline's reader, as BGR
         instances = predictor(image_bgr)["instances"].to("cpu")
         masks = instances.pred_masks.numpy()
         for mask, cls, score in zip(masks, instances.pred_classes.tolist(), instances.scores.tolist(), strict=True):

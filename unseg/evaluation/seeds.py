@@ -90,27 +90,28 @@ def _verdict(step: Mapping) -> str:
 
 
 def seeds_markdown(agg: Mapping, seeds: Sequence[int]) -> str:
-    """The seeded Table 1 (mIoU, pixel accuracy, % of the DeepLab ceiling, gain over the row above),
+    """The seeded Table 1 (mIoU, pixel accuracy, object precision, % of the DeepLab ceiling, gain over the row above),
     the ceiling, mask AP, the linear protocols, the baselines and the backbone protocols."""
     table1, ceiling = agg.get("table1", {}), agg.get("ceiling", {}).get("ceiling", {})
     ceiling_miou = ceiling.get("deeplab_miou", {}).get("mean")
     gains = {g["to"]: g for g in steps_that_earn_their_row(table1)}
     lines = [
         f"Mean ± std over {len(seeds)} seeds ({', '.join(map(str, seeds))}); values in %.\n",
-        "| Table 1 | mIoU (Hungarian) | pixel acc. | % of ceiling | gain over the row above |",
-        "|---|---:|---:|---:|---:|",
+        "| Table 1 | mIoU (Hungarian) | pixel acc. | object precision | % of ceiling | gain over the row above |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, row in table1.items():
         pct = f"{100 * row['mean'] / ceiling_miou:.0f} %" if ceiling_miou else "–"
         g = gains.get(name)
         gain = "–" if g is None else f"{100 * g['gain']:+.1f}{_verdict(g)}"
-        lines.append(f"| {name} | {_pm(row)} | {_pm(row.get('pixel_accuracy'))} | {pct} | {gain} |")
+        acc, prec = _pm(row.get("pixel_accuracy")), _pm(row.get("object_precision"))
+        lines.append(f"| {name} | {_pm(row)} | {acc} | {prec} | {pct} | {gain} |")
     for name, row in agg.get("baselines", {}).items():
-        lines.append(f"| baseline: {name} | {_pm(row)} | {_pm(row.get('pixel_accuracy'))} | | |")
+        lines.append(f"| baseline: {name} | {_pm(row)} | {_pm(row.get('pixel_accuracy'))} | | | |")
     if ceiling:
         lines.append(
             f"| **supervised ceiling** (DeepLab on ground truth) | {_pm(ceiling.get('deeplab_miou'))} | "
-            f"{_pm(ceiling.get('deeplab_pixel_accuracy'))} | 100 % | |"
+            f"{_pm(ceiling.get('deeplab_pixel_accuracy'))} | | 100 % | |"
         )
     sections = [
         ("instances", "Class-agnostic mask AP", [("AP", 1.0), ("AP50", 1.0)]),

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from unseg.data.images import read_image
 from unseg.errors import UserError
 
 # ---------------------------------------------------------------- DAVIS layout
@@ -88,9 +89,8 @@ def read_davis_sequences(
 
 
 def read_frame(path: str | Path) -> np.ndarray:
-    """RGB frame as uint8 (H, W, 3)."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    """RGB frame as uint8 (H, W, 3), read by the pipeline's one image reader."""
+    return read_image(path)
 
 
 def read_annotation(path: str | Path) -> np.ndarray:

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from unseg.cli import log, parser, run_stage
+from unseg.coco import group_by_image
 from unseg.data.index import DatasetIndex
 from unseg.errors import UserError
 from unseg.evaluation import backbone as B
-from unseg.evaluation.report import group_by_image, rasterise_annotations, score_label_maps
+from unseg.evaluation.report import rasterise_annotations, score_label_maps
 from unseg.evaluation.video import read_davis_sequences
 from unseg.mining import MiningConfig
 from unseg.models.vit import create_vit, load_vit_weights

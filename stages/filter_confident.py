@@ -16,9 +16,8 @@ from tqdm import tqdm
 
 from unseg import store
 from unseg.cli import log, parser, run_stage
-from unseg.coco import read_json
+from unseg.coco import group_by_image, read_json
 from unseg.data.index import DatasetIndex
-from unseg.evaluation.report import group_by_image
 from unseg.filtering import IGNORE, filter_image
 
 

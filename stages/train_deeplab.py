@@ -22,7 +22,7 @@ from unseg.coco import read_json
 from unseg.data.index import DatasetIndex, read_image
 from unseg.deeplab import DeepLabTraining, SemanticBatches, build_deeplab, predict_semantic, train_deeplab
 from unseg.errors import UserError
-from unseg.evaluation.report import score_label_maps
+from unseg.matching import ConfusionAccumulator, evaluate_clusters
 from unseg.models.checkpoint import read_checkpoint
 from unseg.params import config_from
 from unseg.train import harness as H
@@ -76,13 +76,10 @@ def main(args, params) -> None:
             raise UserError("deeplab.select_best_on_val needs a validation split with ground truth")
 
         def on_epoch_end(epoch: int) -> None:
-            preds = predict_all(model, val, device, p.amp, p.crop_size)
-            score = score_label_maps(
-                zip(preds, (index.read_semantic(e) for e in val), strict=True),
-                k + 1,
-                len(index.classes),
-                index.ignore_index,
-            )["miou"]
+            acc = ConfusionAccumulator(k + 1, len(index.classes), index.ignore_index)
+            for pred, e in zip(predict_all(model, val, device, p.amp, p.crop_size), val, strict=True):
+                acc.update(pred, index.read_semantic(e))
+            score = evaluate_clusters(acc.matrix)["hungarian"]["miou"]
             best = read_checkpoint(best_file, "best epoch") if best_file.exists() else {"miou": -1.0}
             if score > best["miou"] and info.is_main:
                 torch.save({"miou": score, "epoch": epoch, "state": model.state_dict()}, best_file)

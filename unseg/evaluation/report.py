@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from unseg import coco
-from unseg.evaluation.metrics import ConfusionAccumulator, evaluate_clusters
+from unseg.matching import ConfusionAccumulator, evaluate_clusters
 
 
 def score_label_maps(pairs: Iterable[tuple[np.ndarray, np.ndarray]], n_pred: int, n_gt: int, ignore_index: int) -> dict:
@@ -58,13 +58,6 @@ def rasterise_annotations(anns: list[dict], height: int, width: int) -> np.ndarr
     for ann in sorted(anns, key=lambda a: a.get("score", 1.0)):
         lab[coco.decode_rle(ann["segmentation"])] = ann["category_id"]
     return lab
-
-
-def group_by_image(anns: list[dict]) -> dict[int, list[dict]]:
-    out: dict[int, list[dict]] = {}
-    for a in anns:
-        out.setdefault(int(a["image_id"]), []).append(a)
-    return out
 
 
 def markdown_table(rows: dict[str, dict], columns: list[tuple[str, str]], scale: float = 100.0) -> str:

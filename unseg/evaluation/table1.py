@@ -16,7 +16,7 @@ import numpy as np
 from unseg import coco, store
 from unseg.data.index import DatasetIndex, ImageEntry
 from unseg.evaluation.instances import class_agnostic_mask_ap
-from unseg.evaluation.report import group_by_image, rasterise_annotations, score_label_maps
+from unseg.evaluation.report import rasterise_annotations, score_label_maps
 
 
 def stored_label_maps(path: str | Path, ids: Iterable[int]) -> dict[int, np.ndarray]:
@@ -28,7 +28,7 @@ def stored_label_maps(path: str | Path, ids: Iterable[int]) -> dict[int, np.ndar
 
 def annotation_label_maps(anns: list[dict], entries: Sequence[ImageEntry]) -> dict[int, np.ndarray]:
     """COCO annotations or results painted into one label map per entry (most confident on top)."""
-    by_image = group_by_image(anns)
+    by_image = coco.group_by_image(anns)
     return {e.id: rasterise_annotations(by_image.get(e.id, []), e.height, e.width) for e in entries}
 
 

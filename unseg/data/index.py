@@ -206,14 +206,14 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
-def index_folder(root: str | Path, limit: int | None = None) -> DatasetIndex:
-    """Every image under ``root`` (recursively), split 'train', no ground truth."""
+def index_folder(root: str | Path, limit: int | None = None, split: str = "train") -> DatasetIndex:
+    """Every image under ``root`` (recursively), all in ``split`` (the training split), no ground truth."""
     root = _require_dir(Path(root), "image")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UserError(f"data.root: no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
     files = _limit(files, limit)
-    entries = [ImageEntry(i, str(f.resolve()), *_image_size(f), "train") for i, f in enumerate(files)]
+    entries = [ImageEntry(i, str(f.resolve()), *_image_size(f), split) for i, f in enumerate(files)]
     return DatasetIndex(name="folder", images=entries)
 
 

@@ -28,7 +28,7 @@ from unseg.data.transforms import geometry, token_mask_to_pixels
 from unseg.deeplab import build_deeplab, deeplab_features, predict_semantic
 from unseg.evaluation.dense import raw_pixel_kmeans_labels
 from unseg.evaluation.metrics import ForegroundIoU
-from unseg.evaluation.probe import predict_probe, train_linear_probe
+from unseg.evaluation.probe import images_within_budget, predict_probe, train_linear_probe
 from unseg.evaluation.report import markdown_table, score_label_maps
 from unseg.evaluation.table1 import (
     annotation_label_maps,
@@ -61,9 +61,15 @@ def linear_protocols(model, train, train_gts, val, val_gts, n_classes, ignore, e
     re-fits only DeepLab's last 1x1 conv (``linear_finetune.py``); both trained with ground truth."""
     out = {}
     for where, name in (("backbone", "probe_backbone"), ("head", "refit_last_conv")):
+        first = deeplab_feature_list(model, train[:1], device, where, input_size)[0]
+        per_pixel = first.numel() * first.element_size() / (train[0].height * train[0].width)
+        pixels = [e.height * e.width for e in train]
+        keep = images_within_budget(pixels, per_pixel, ev.probe_memory_mb * 2**20, ev.seed)
+        if len(keep) < len(train):
+            log("evaluate", f"linear:{where}: features of {len(keep)} of {len(train)} training images fit")
         conv = train_linear_probe(
-            deeplab_feature_list(model, train, device, where, input_size),
-            train_gts,
+            deeplab_feature_list(model, [train[i] for i in keep], device, where, input_size),
+            [train_gts[i] for i in keep],
             n_classes,
             epochs=ev.probe_epochs,
             lr=ev.probe_lr,

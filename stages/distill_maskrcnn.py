@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from unseg import coco
 from unseg.cli import log, parser, run_stage
@@ -21,6 +20,7 @@ from unseg.data.index import DatasetIndex
 from unseg.distill.maskrcnn import CocoInstanceDataset, build_maskrcnn, load_image, predict_instances
 from unseg.distill.trainer import MaskRCNNTraining, train_maskrcnn
 from unseg.errors import UserError
+from unseg.progress import progress
 from unseg.train import harness as H
 
 # params that change predictions only, not training: changing them must not restart training
@@ -139,7 +139,7 @@ def main(args, params) -> None:
     torch.save(
         {"model": model.state_dict(), "num_classes": k, "category_ids": dataset.category_ids}, args.out / "model.pt"
     )
-    images = ((e.id, load_image(e.file)) for e in tqdm(index.images, desc="predict", mininterval=1.0))
+    images = ((e.id, load_image(e.file)) for e in progress(index.images, desc="predict"))
     preds = predict_instances(
         model, images, device, d.score_threshold, category_ids=dataset.category_ids, batch_size=d.batch_size, amp=d.amp
     )

@@ -18,7 +18,6 @@ import json
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from unseg import coco, store
 from unseg.cli import log, parser, run_stage
@@ -39,6 +38,7 @@ from unseg.evaluation.table1 import (
 )
 from unseg.filtering import IGNORE
 from unseg.models.checkpoint import read_checkpoint
+from unseg.progress import progress
 from unseg.train.harness import resolve_device
 
 COLUMNS = [
@@ -52,7 +52,7 @@ COLUMNS = [
 def deeplab_feature_list(model, entries, device, where: str, input_size: int) -> list[torch.Tensor]:
     return [
         deeplab_features(model, torch.from_numpy(read_image(e)).permute(2, 0, 1), device, where, input_size)
-        for e in tqdm(entries, desc=f"linear:{where}", mininterval=1.0)
+        for e in progress(entries, desc=f"linear:{where}")
     ]
 
 
@@ -152,7 +152,7 @@ def main(args, params) -> None:
     model.eval().to(device)
     if ev.crf and crf_available():
         crf_maps = {}
-        for e in tqdm(val, desc="crf", mininterval=1.0):
+        for e in progress(val, desc="crf"):
             image = read_image(e)
             _, logits = predict_semantic(
                 model, torch.from_numpy(image).permute(2, 0, 1), device, return_logits=True, input_size=d.crop_size

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from unseg import store
 from unseg.cli import log, parser, run_stage
@@ -25,12 +24,13 @@ from unseg.errors import UserError
 from unseg.matching import ConfusionAccumulator, evaluate_clusters
 from unseg.models.checkpoint import read_checkpoint
 from unseg.params import config_from
+from unseg.progress import progress
 from unseg.train import harness as H
 
 
 def predict_all(model, entries, device, amp, input_size) -> list[np.ndarray]:
     out = []
-    for e in tqdm(entries, desc="predict", mininterval=1.0):
+    for e in progress(entries, desc="predict"):
         image = torch.from_numpy(read_image(e)).permute(2, 0, 1)
         out.append(predict_semantic(model, image, device, amp=amp, input_size=input_size).numpy().astype(np.uint8))
     return out

@@ -48,7 +48,7 @@ def main(args, params) -> None:
                 out / "video", d.video_sequences, d.video_frames, d.max_side, d.max_side, d.n_categories, d.seed
             )
     elif d.dataset == "folder":
-        idx = data_index.index_folder(d.root, d.limit, d.train_split)
+        idx = data_index.index_folder(d.root, d.limit, d.train_split, d.val_split, d.folder_val_fraction)
     elif d.dataset == "coco":
         idx = data_index.index_coco(d.root, splits, out, d.limit)
     elif d.dataset == "voc":

@@ -50,6 +50,7 @@ class Data:
     train_split: str = p("train")
     val_split: str | None = p("val")
     limit: int | None = p(None, lo=1)  # at most this many images per split (quick runs)
+    folder_val_fraction: float = p(0.0, lo=0, hi=1, hi_open=True)  # folder: share of images put in val_split
     # the generated dataset
     n_train: int = p(480, lo=1)
     n_val: int = p(120, lo=1)

@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: repro test lint bench seeds ceiling clean-artifacts
+.PHONY: repro test test-paper lint bench seeds ceiling clean-artifacts
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ repro: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q; status=$$?; \
 	if [ $$status -eq 5 ]; then echo 'pytest collected no tests' >&2; fi; exit $$status
+
+# the pipeline at the paper's geometry on a handful of images (CPU, ~10 min): runs, and its peak memory
+test-paper: $(STAMP)
+	$(PY) -m pytest -q -m paper_scale
 
 # seeded runs (K-means, Mask R-CNN and DeepLab seeds 0 1 2; seed 0 is params.yaml's, i.e. the workspace run),
 # one DVC experiment each; writes artifacts/metrics/seeds.json and seeds.md (mean ± std). SEEDS="0 1 2 3 4" for more.

@@ -4,7 +4,7 @@
 
 configs/paper.yaml with only what a CPU smoke run needs changed: the generated dataset (4 + 2 images of
 480-640 px) instead of VOC, CrOC for 1 step instead of DINO weights, torchvision's R50-C4 Mask R-CNN
-(detectron2 is not installable here) for 2 steps, DeepLab R50 OS8 at 512 px for 1 epoch, 1 probe epoch.
+(detectron2 is not installable here) for 1 step, DeepLab R50 OS8 at 512 px for 1 epoch, 1 probe epoch.
 Geometry is the paper's: ViT-S/16 at shortest side 640, Mask R-CNN at 480-800 / test 800 (max 1333),
 DeepLab crops of 512. Each stage command of dvc.yaml runs in order as its own process; its wall time
 and peak resident memory (``wait4``'s ru_maxrss, the process and its children) are written to ``--out``.
@@ -37,7 +37,7 @@ SMOKE = {
         "backend": "torchvision",
         "backbone_weights": None,
         "trainable_layers": 5,
-        "steps": 2,
+        "steps": 1,
         "batch_size": 1,
         "lr_steps": [1],
         "warmup_steps": 1,

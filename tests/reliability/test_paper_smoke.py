@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.paper_scale
 def test_paper_geometry_smoke_run_completes(tmp_path):
     out = tmp_path / "paper_smoke.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "paper_smoke.py"), "--dir", str(tmp_path / "p"), "--out", str(out)]

@@ -215,6 +215,9 @@ def test_inspect_lists_artifacts_describes_them_and_draws_one_image(micro_repo, 
     run([*cmd, "show", str(image_id), "-o", str(out)], micro_repo)
     from PIL import Image
 
-    assert Image.open(out).size == (4 * 192, 2 * 208)  # 8 panels: input .. ground truth
+    assert Image.open(out).size == (4 * 192, 3 * 208)  # 8 panels (input .. ground truth) and the legend
+    grid = tmp_path / "grid.png"
+    run([*cmd, "grid", "--n", "3", "--sort", "worst", "-o", str(grid)], micro_repo)
+    assert Image.open(grid).size == (8 * 192, 4 * 208)  # 3 images of 8 panels, then the legend
     missing = subprocess.run([*cmd, "artifacts/nope.zarr"], cwd=micro_repo, capture_output=True, text=True)
     assert missing.returncode == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr

@@ -3,6 +3,7 @@
     unseg inspect                          # every artifact: stage, up to date, size, files, images
     unseg inspect PATH                     # one store, COCO json or checkpoint: arrays, attributes, stats
     unseg inspect show IMAGE_ID [-o F.png] # that image at every stage, one labelled panel each
+    unseg inspect grid [--n 8] [--sort worst|best|random] [-o F.png]  # one row of panels per image
 
 Run from the project root (``python -m unseg inspect`` works too). Stores are read through
 :mod:`unseg.store`, one image's rows at a time; a missing artifact names the stage that writes it.
@@ -26,7 +27,9 @@ from unseg import coco, store
 from unseg.data.index import DatasetIndex, read_image
 from unseg.data.transforms import geometry, token_map_to_pixels, token_mask_to_pixels
 from unseg.errors import UserError
+from unseg.matching import ConfusionAccumulator, hungarian_mapping
 from unseg.models.checkpoint import read_checkpoint
+from unseg.params import load_params
 
 PALETTE = np.array(
     [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
@@ -174,6 +177,47 @@ def store_row(path: Path, image_id: int, stage: str) -> tuple[store.RaggedStore,
     return s, int(rows[0])
 
 
+def cluster_mapping(root: Path, index: DatasetIndex, split: str | None, limit: int = 200) -> np.ndarray | None:
+    """Cluster id -> ground-truth class (-1: unmatched) by the Hungarian match of DeepLab's predictions on
+    up to ``limit`` validation images, as Table 1 scores them; None without ground truth or predictions."""
+    path = root / "artifacts/deeplab/predictions.zarr"
+    labelled = [e for e in index.images if e.split == split and (e.semantic or index.semantic_from_instances)][:limit]
+    if not path.exists() or not labelled:
+        return None
+    s = store.RaggedStore(path)
+    row_of = {int(i): r for r, i in enumerate(s.read("image_id"))}
+    maps = [(store.read_semantic_map(s, row_of[e.id]), index.read_semantic(e)) for e in labelled if e.id in row_of]
+    n_pred = 1 + max(int(m.max()) for m, _ in maps)
+    acc = ConfusionAccumulator(n_pred, len(index.classes), index.ignore_index)
+    for pred, gt in maps:
+        acc.update(pred, gt)
+    return hungarian_mapping(acc.matrix)
+
+
+def as_classes(labels: np.ndarray, mapping: np.ndarray | None) -> np.ndarray:
+    """Cluster ids shown in class colours (unmatched: grey); unchanged without a mapping."""
+    if mapping is None:
+        return labels
+    lut = np.full(max(int(labels.max()) + 1, len(mapping)), 255, np.int64)
+    lut[: len(mapping)] = np.where(mapping >= 0, mapping, 255)
+    lut[255:] = 255
+    return lut[np.asarray(labels, np.int64)]
+
+
+def legend(names: Sequence[str]) -> Image.Image:
+    out = Image.new("RGB", (PANEL, PANEL + TITLE), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    draw.text((3, 2), "classes (clusters matched)", fill=(0, 0, 0))
+    for i, name in enumerate(list(names)[:12]):
+        y = TITLE + 4 + i * 15
+        draw.rectangle([4, y, 16, y + 10], fill=tuple(int(c) for c in colour(np.array([[i]]))[0, 0]))
+        draw.text((22, y), name, fill=(0, 0, 0))
+    y = TITLE + 4 + min(len(names), 12) * 15
+    draw.rectangle([4, y, 16, y + 10], fill=(128, 128, 128))
+    draw.text((22, y), "unmatched / ignored", fill=(0, 0, 0))
+    return out
+
+
 def panel(picture: np.ndarray, title: str) -> Image.Image:
     im = Image.fromarray(np.asarray(picture, np.uint8))
     scale = PANEL / max(im.size)
@@ -184,16 +228,20 @@ def panel(picture: np.ndarray, title: str) -> Image.Image:
     return out
 
 
+def blank() -> Image.Image:
+    return Image.new("RGB", (PANEL, PANEL + TITLE), (255, 255, 255))
+
+
 def blend(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
     shown = colour(labels).astype(np.float32)
     keep = (np.asarray(labels) == 0)[..., None]
     return np.where(keep, image * 0.35, 0.45 * image + 0.55 * shown).astype(np.uint8)
 
 
-def stage_panels(root: Path, image_id: int) -> list[Image.Image]:
+def stage_panels(root: Path, image_id: int, index: DatasetIndex, mapping: np.ndarray | None) -> list[Image.Image]:
     """The panels of one image: input, CLS attention, mined mask, pseudo-label, Mask R-CNN, filtered
-    pseudo-GT, DeepLab, ground truth (the ones whose artifact exists)."""
-    index = DatasetIndex.load(root / "data/prepared/index.json")
+    pseudo-GT, DeepLab, ground truth (the ones whose artifact exists). With a ``mapping`` the cluster
+    panels are drawn in the colours of their matched classes, as the ground truth is."""
     if image_id not in index.by_id:
         raise UserError(f"image {image_id} is not in the index (ids {index.images[0].id}..{index.images[-1].id})")
     e = index.by_id[image_id]
@@ -215,7 +263,7 @@ def stage_panels(root: Path, image_id: int) -> list[Image.Image]:
     label = np.zeros(mined.shape, np.int64)
     for ann in coco.group_by_image(pseudo["annotations"]).get(image_id, []):
         label[coco.decode_rle(ann["segmentation"])] = ann["category_id"]
-    panels.append(panel(blend(image, label), "pseudo-label cluster"))
+    panels.append(panel(blend(image, as_classes(label, mapping)), "pseudo-label cluster"))
     preds_path = root / "artifacts/maskrcnn/predictions.json"
     if preds_path.exists():
         preds = sorted(coco.group_by_image(coco.read_json(preds_path)).get(image_id, []), key=lambda p: p["score"])
@@ -223,18 +271,44 @@ def stage_panels(root: Path, image_id: int) -> list[Image.Image]:
         for p in (p for p in preds if p["score"] >= 0.5):
             shown[coco.decode_rle(p["segmentation"])] = p["category_id"]
         best = ", ".join(f"{p['score']:.2f}" for p in preds[::-1][:3])
-        panels.append(panel(blend(image, shown), f"Mask R-CNN >= 0.5 ({best})"))
+        panels.append(panel(blend(image, as_classes(shown, mapping)), f"Mask R-CNN >= 0.5 ({best})"))
     for rel, title, stage in (
         ("artifacts/semantic.zarr", "filtered pseudo-GT", "filter_confident"),
         ("artifacts/deeplab/predictions.zarr", "DeepLab-v3", "train_deeplab"),
     ):
         if (root / rel).exists():
             s, r = store_row(root / rel, image_id, stage)
-            panels.append(panel(blend(image, store.read_semantic_map(s, r)), title))
+            panels.append(panel(blend(image, as_classes(store.read_semantic_map(s, r), mapping)), title))
     if e.semantic or index.semantic_from_instances:
         gt = index.read_semantic(e)
         panels.append(panel(blend(image, np.where(gt == index.ignore_index, 255, gt)), "ground truth"))
     return panels
+
+
+def image_scores(root: Path, index: DatasetIndex, mapping: np.ndarray, split: str | None) -> dict[int, float]:
+    """Per validation image: pixel accuracy of DeepLab's matched prediction (ignored pixels left out)."""
+    s = store.RaggedStore(root / "artifacts/deeplab/predictions.zarr")
+    row_of = {int(i): r for r, i in enumerate(s.read("image_id"))}
+    scores = {}
+    for e in index.images:
+        if e.split == split and (e.semantic or index.semantic_from_instances) and e.id in row_of:
+            gt = index.read_semantic(e)
+            pred = as_classes(store.read_semantic_map(s, row_of[e.id]), mapping)
+            valid = gt != index.ignore_index
+            scores[e.id] = float((pred[valid] == gt[valid]).mean()) if valid.any() else 0.0
+    return scores
+
+
+def grid_ids(
+    root: Path, index: DatasetIndex, mapping: np.ndarray | None, split: str | None, n: int, sort: str, seed: int = 0
+) -> list:
+    """``n`` image ids of ``split``: the worst or best by DeepLab pixel accuracy (needs ground truth), or random."""
+    if sort == "random" or mapping is None:
+        ids = [e.id for e in index.images if e.split == split] or [e.id for e in index.images]
+        return sorted(np.random.default_rng(seed).choice(ids, size=min(n, len(ids)), replace=False).tolist())
+    scores = image_scores(root, index, mapping, split)
+    ranked = sorted(scores, key=lambda i: scores[i], reverse=sort == "best")
+    return ranked[:n]
 
 
 def contact_sheet(panels: Sequence[Image.Image], columns: int = 4) -> Image.Image:
@@ -254,7 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = ap.add_subparsers(dest="command", required=True)
     ins = sub.add_parser("inspect", help="what the pipeline wrote")
-    ins.add_argument("target", nargs="*", help="nothing | PATH | show IMAGE_ID")
+    ins.add_argument("target", nargs="*", help="nothing | PATH ... | show IMAGE_ID | grid")
+    ins.add_argument("--n", type=int, default=8, help="images in a grid (default 8)")
+    ins.add_argument("--sort", choices=("worst", "best", "random"), default="worst", help="grid order")
     ins.add_argument("-o", "--out", type=Path, default=None, help="PNG to write (show)")
     ins.add_argument("--root", type=Path, default=Path("."), help="project root (default: .)")
     args = ap.parse_args(argv)
@@ -263,12 +339,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not args.target:
             print(format_rows(artifact_rows(args.root, stale_stages(args.root))))
-        elif args.target[0] == "show":
-            if len(args.target) != 2 or not args.target[1].isdigit():
-                raise UserError("usage: unseg inspect show IMAGE_ID [-o out.png]")
-            image_id = int(args.target[1])
-            out = args.out or Path(f"inspect_{image_id}.png")
-            contact_sheet(stage_panels(args.root, image_id)).save(out)
+        elif args.target[0] in ("show", "grid"):
+            index = DatasetIndex.load(args.root / "data/prepared/index.json")
+            split = load_params(args.root / "params.yaml").data.val_split
+            mapping = cluster_mapping(args.root, index, split)
+            extra = [legend(index.classes)] if mapping is not None else []
+            if args.target[0] == "show":
+                if len(args.target) != 2 or not args.target[1].isdigit():
+                    raise UserError("usage: unseg inspect show IMAGE_ID [-o out.png]")
+                image_id = int(args.target[1])
+                out = args.out or Path(f"inspect_{image_id}.png")
+                sheet = contact_sheet(stage_panels(args.root, image_id, index, mapping) + extra)
+            else:
+                ids = grid_ids(args.root, index, mapping, split, args.n, args.sort)
+                out = args.out or Path(f"inspect_grid_{args.sort}.png")
+                rows = [stage_panels(args.root, i, index, mapping) for i in ids]
+                columns = max(len(r) for r in rows)
+                sheet = contact_sheet([p for r in rows for p in r + [blank()] * (columns - len(r))] + extra, columns)
+            sheet.save(out)
             print(f"wrote {out}")
         else:
             for target in args.target:

@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: repro test test-paper lint bench seeds ceiling clean-artifacts
+.PHONY: repro test test-paper lint bench seeds ceiling sheet clean-artifacts
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ SEEDS ?= 0 1 2
 seeds: $(STAMP)
 	$(PY) scripts/seeds.py run --seeds $(SEEDS)
 	$(PY) scripts/seeds.py collect --seeds $(SEEDS)
+
+# README's picture: four random validation images at every stage, from the workspace run
+sheet: $(STAMP)
+	mkdir -p docs && $(PY) -m unseg inspect grid --n 4 --sort random -o docs/contact_sheet.png
 
 # the supervised ceiling once, in the workspace (same networks and budget, ground-truth labels)
 ceiling: $(STAMP)

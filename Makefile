@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: repro test lint bench seeds ceiling clean-artifacts
+.PHONY: repro test test-paper lint bench seeds ceiling sheet clean-artifacts
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,12 +24,20 @@ test: $(STAMP)
 	$(PY) -m pytest -q; status=$$?; \
 	if [ $$status -eq 5 ]; then echo 'pytest collected no tests' >&2; fi; exit $$status
 
+# the pipeline at the paper's geometry on a handful of images (CPU, ~10 min): runs, and its peak memory
+test-paper: $(STAMP)
+	$(PY) -m pytest -q -m paper_scale
+
 # seeded runs (K-means, Mask R-CNN and DeepLab seeds 0 1 2; seed 0 is params.yaml's, i.e. the workspace run),
 # one DVC experiment each; writes artifacts/metrics/seeds.json and seeds.md (mean ± std). SEEDS="0 1 2 3 4" for more.
 SEEDS ?= 0 1 2
 seeds: $(STAMP)
 	$(PY) scripts/seeds.py run --seeds $(SEEDS)
 	$(PY) scripts/seeds.py collect --seeds $(SEEDS)
+
+# README's picture: four random validation images at every stage, from the workspace run
+sheet: $(STAMP)
+	mkdir -p docs && $(PY) -m unseg inspect grid --n 4 --sort random -o docs/contact_sheet.png
 
 # the supervised ceiling once, in the workspace (same networks and budget, ground-truth labels)
 ceiling: $(STAMP)

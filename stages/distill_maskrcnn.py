@@ -8,53 +8,24 @@ guarded by a params digest). Backend: torchvision (default) or detectron2 (the p
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from unseg import coco
 from unseg.cli import log, parser, run_stage
 from unseg.data.index import DatasetIndex
 from unseg.distill.maskrcnn import CocoInstanceDataset, build_maskrcnn, load_image, predict_instances
+from unseg.distill.params import detectron2_params
 from unseg.distill.trainer import MaskRCNNTraining, train_maskrcnn
 from unseg.errors import UserError
+from unseg.params import config_from
+from unseg.progress import progress
 from unseg.train import harness as H
 
 # params that change predictions only, not training: changing them must not restart training
 PREDICT_ONLY = {"test_size", "detections_per_image", "score_threshold", "device", "workers", "ckpt_every"}
-
-
-def detectron2_params(d, k: int, out: Path, device: torch.device) -> dict:
-    """Our ``distill`` params in the vocabulary of :func:`unseg.distill.detectron2_backend.detectron2_config`."""
-    return {
-        "num_classes": k,
-        "depth": int(d.backbone.removeprefix("resnet")),
-        "lr": d.lr,
-        "momentum": d.momentum,
-        "weight_decay": d.weight_decay,
-        "max_iter": d.steps,
-        "steps": tuple(d.lr_steps),
-        "warmup_iters": d.warmup_steps,
-        "ims_per_batch": d.batch_size,
-        "min_size_train": (d.train_min_size, d.train_max_size),
-        "min_size_train_sampling": d.size_sampling,
-        "max_size_train": d.max_size,
-        "min_size_test": d.test_size,
-        "max_size_test": d.max_size,
-        "backbone_weights": d.backbone_weights or "",
-        "score_thresh_test": d.score_threshold,
-        "detections_per_image": d.detections_per_image,
-        "amp": d.amp,
-        "num_workers": d.workers,
-        "checkpoint_period": d.ckpt_every,
-        "seed": d.seed,
-        "device": device.type,
-        "output_dir": str(out),
-        "freeze_at": 5 - d.trainable_layers,
-    }
 
 
 def main(args, params) -> None:
@@ -79,21 +50,11 @@ def main(args, params) -> None:
         sorted(train_ids),
     )
     if d.backend == "detectron2":
-        from unseg.distill.detectron2_backend import detectron2_config, train_and_predict_detectron2
+        from unseg.distill.detectron2_backend import run_detectron2
 
         ckpt = H.CheckpointDir(args.ckpt, digest)  # a changed param empties detectron2's output folder too
-        coco.write_json(train_json, ckpt.path / "train.json")
-        config = detectron2_config(detectron2_params(d, k, ckpt.path, device))
-        preds = train_and_predict_detectron2(
-            config, ckpt.path / "train.json", paths, ckpt.path, [(e.id, e.file) for e in index.images]
-        )
-        coco.write_json(preds, args.out / "predictions.json")
-        shutil.copy(ckpt.path / "model_final.pth", args.out / "model.pt")
-        metrics = ckpt.path / "metrics.json"  # detectron2's per-iteration log (json lines)
-        rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-        args.log.parent.mkdir(parents=True, exist_ok=True)
-        args.log.write_text(
-            "step,loss\n" + "".join(f"{r['iteration']},{r['total_loss']}\n" for r in rows if "total_loss" in r)
+        run_detectron2(
+            detectron2_params(d, k, ckpt.path, device), train_json, paths, index, ckpt.path, args.out, args.log
         )
         return
     info = H.setup_distributed(device)
@@ -117,20 +78,7 @@ def main(args, params) -> None:
     dataset = CocoInstanceDataset(
         train_json, paths, [d.train_min_size, d.train_max_size], d.max_size, d.size_sampling, d.flip_p
     )
-    training = MaskRCNNTraining(
-        d.steps,
-        d.batch_size,
-        d.lr,
-        d.lr_steps,
-        d.warmup_steps,
-        d.momentum,
-        d.weight_decay,
-        d.clip_grad,
-        d.amp,
-        d.seed,
-        d.workers,
-        d.ckpt_every,
-    )
+    training = config_from(MaskRCNNTraining, d)
     ckpt = H.CheckpointDir(args.ckpt, digest, info.is_main)
     ran = train_maskrcnn(model, dataset, training, ckpt, args.ckpt / "loss.csv", device, info)
     if not info.is_main:
@@ -139,7 +87,7 @@ def main(args, params) -> None:
     torch.save(
         {"model": model.state_dict(), "num_classes": k, "category_ids": dataset.category_ids}, args.out / "model.pt"
     )
-    images = ((e.id, load_image(e.file)) for e in tqdm(index.images, desc="predict", mininterval=1.0))
+    images = ((e.id, load_image(e.file)) for e in progress(index.images, desc="predict"))
     preds = predict_instances(
         model, images, device, d.score_threshold, category_ids=dataset.category_ids, batch_size=d.batch_size, amp=d.amp
     )

@@ -17,11 +17,14 @@ from pathlib import Path
 import torch
 
 from unseg.cli import log, parser, run_stage
+from unseg.coco import group_by_image
 from unseg.data.index import DatasetIndex
 from unseg.errors import UserError
 from unseg.evaluation import backbone as B
-from unseg.evaluation.report import group_by_image, rasterise_annotations, score_label_maps
+from unseg.evaluation.probe import images_within_budget
+from unseg.evaluation.report import rasterise_annotations, score_label_maps
 from unseg.evaluation.video import read_davis_sequences
+from unseg.features import geometries
 from unseg.mining import MiningConfig
 from unseg.models.vit import create_vit, load_vit_weights
 from unseg.params import config_from
@@ -35,6 +38,11 @@ def protocols(model, params, index, train, train_gts, val, val_gts, videos, devi
     n, ignore = len(index.classes), index.ignore_index
     val_feats, val_geoms = B.dense_features(model, val, f.short_side, f.fit, device, f.batch_size)
     out = {"dense_kmeans_miou": B.dense_kmeans_miou(val_feats, val_geoms, val_gts, n, ignore, ev.seed)["miou"]}
+    tokens = [g.grid[0] * g.grid[1] for g in geometries(train, f.short_side, params.backbone.patch_size, f.fit)]
+    keep = images_within_budget(tokens, 4 * model.embed_dim, ev.probe_memory_mb * 2**20, ev.seed)
+    if len(keep) < len(train):
+        log("evaluate_backbone", f"linear probe: tokens of {len(keep)} of {len(train)} training images fit")
+    train, train_gts = [train[i] for i in keep], [train_gts[i] for i in keep]
     train_feats, train_geoms = B.dense_features(model, train, f.short_side, f.fit, device, f.batch_size)
     out["linear_probe_miou"] = B.linear_probe_miou(
         train_feats,

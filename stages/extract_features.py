@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from unseg import features as F
 from unseg import store
 from unseg.cli import log, parser, run_stage
 from unseg.data.index import DatasetIndex
 from unseg.models.vit import create_vit, load_vit_weights
+from unseg.progress import progress
 from unseg.train.harness import file_digest, params_digest, resolve_device
 
 
@@ -50,7 +50,7 @@ def main(args, params) -> None:
     writer = store.feature_writer(args.out, grids, model.embed_dim, attrs["heads"], attrs, digest)
     if writer.done:
         log("extract_features", f"resuming after {writer.done} of {len(entries)} images")
-    bar = tqdm(total=len(entries), initial=writer.done, desc="extract", unit="img", mininterval=1.0)
+    bar = progress(total=len(entries), initial=writer.done, desc="extract", unit="img")
     for batch in F.forward_images(model, entries, geoms, fp.batch_size, device, fp.workers, writer.done):
         feats = F.batch_features(batch.out)
         writer.write(

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from tqdm import tqdm
 
 from unseg import store
 from unseg.cli import log, parser, run_stage
-from unseg.coco import read_json
+from unseg.coco import group_by_image, read_json
 from unseg.data.index import DatasetIndex
-from unseg.evaluation.report import group_by_image
 from unseg.filtering import IGNORE, filter_image
+from unseg.progress import progress
 
 
 def main(args, params) -> None:
@@ -27,7 +26,7 @@ def main(args, params) -> None:
     index = DatasetIndex.load(args.index)
     preds = group_by_image(read_json(args.predictions))
     labels, kept_counts = [], []
-    for e in tqdm(index.images, desc="filter", mininterval=1.0):
+    for e in progress(index.images, desc="filter"):
         zero_based = [{**p, "category_id": int(p["category_id"]) - 1} for p in preds.get(e.id, [])]
         label, kept = filter_image(zero_based, e.height, e.width, f.tau, f.inclusive, f.overlap, f.uncertain_score)
         labels.append(label)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from unseg import store
 from unseg.cli import log, parser, run_stage
 from unseg.errors import UserError
 from unseg.mining import MiningConfig, mine_masks
 from unseg.params import config_from
+from unseg.progress import progress
 
 
 def grid_runs(grids: np.ndarray, batch_size: int) -> list[tuple[int, int]]:
@@ -39,7 +39,7 @@ def main(args, params) -> None:
     token_label = np.zeros(int(feats.offsets[-1]), np.uint8)
     source = np.zeros(len(feats), np.int64)
     bottom = np.zeros(len(feats), bool)
-    for start, stop in tqdm(grid_runs(grids, m.batch_size), desc="mine", mininterval=1.0):
+    for start, stop in progress(grid_runs(grids, m.batch_size), desc="mine"):
         grid = tuple(int(v) for v in grids[start])
         n = grid[0] * grid[1]
         keys = torch.from_numpy(feats.span("keys", start, stop)).view(stop - start, n, -1)

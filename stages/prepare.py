@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 import shutil
 
-from tqdm import tqdm
-
 from unseg.cli import log, parser, run_stage
 from unseg.data import index as data_index
+from unseg.progress import progress
 
 MIN_SIDE = 16  # px: a shorter image side is skipped (features.short_side's lower bound)
 
@@ -43,13 +42,13 @@ def main(args, params) -> None:
     out.mkdir(parents=True)
     splits = list(dict.fromkeys(s for s in (d.train_split, d.val_split) if s))  # one split for both: indexed once
     if d.dataset == "generated":
-        idx = generate(d, out, progress=lambda it: tqdm(it, desc="generate", mininterval=1.0))
+        idx = generate(d, out, progress=lambda it: progress(it, desc="generate"))
         if d.video_sequences:
             data_index.prepare_generated_video(
                 out / "video", d.video_sequences, d.video_frames, d.max_side, d.max_side, d.n_categories, d.seed
             )
     elif d.dataset == "folder":
-        idx = data_index.index_folder(d.root, d.limit)
+        idx = data_index.index_folder(d.root, d.limit, d.train_split, d.val_split, d.folder_val_fraction)
     elif d.dataset == "coco":
         idx = data_index.index_coco(d.root, splits, out, d.limit)
     elif d.dataset == "voc":

@@ -8,7 +8,8 @@ checkpoints guarded by a params digest) and the loss log, copied to ``<log>`` at
 - ``backbone.weights`` set: that checkpoint is validated against ``backbone`` and converted; no training.
 - ``croc.reuse`` set: a checkpoint written earlier by this stage with exactly the current params and
   training images (checked by a digest stored in it) is used as is; the tiny profile ships one
-  (``checkpoints/croc_tiny.pth``).
+  (``checkpoints/croc_tiny.pth``). Another digest (your own images, a changed param): one warning
+  line, then training as below.
 - otherwise: train ``croc.steps`` steps from scratch (resumes after an interrupt). Runs under
   ``torchrun`` for DDP.
 """
@@ -65,16 +66,20 @@ def training_digest(b, c, entries) -> str:
     return H.params_digest(arch, croc, [H.file_digest(e.file) for e in entries])
 
 
-def reuse_checkpoint(path: str, digest: str, out: Path) -> None:
-    """Use a finished run of this stage as is, after checking it was made with the same params and data."""
+def reuse_checkpoint(path: str, digest: str, out: Path) -> bool:
+    """Use a finished run of this stage as is when it was made with the same params and data (True);
+    otherwise say so in one line and return False, so that the stage trains (e.g. on a user's own images)."""
     meta = read_checkpoint(path, "croc.reuse").get("meta", {})
     if meta.get("digest") != digest:
-        raise UserError(
-            f"croc.reuse: {path} was trained with other params or data (digest {meta.get('digest')}, "
-            f"now {digest}); set croc.reuse: null to train with the current params"
+        log(
+            "pretrain_croc",
+            f"warning: croc.reuse: {path} was trained with other params or data (digest {meta.get('digest')}, "
+            f"now {digest}): training from scratch instead (croc.reuse: null says so without this line)",
         )
+        return False
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(path, out)
+    return True
 
 
 def write_empty_outs(args, why: str) -> None:
@@ -100,8 +105,7 @@ def main(args, params) -> None:
     if not entries:
         raise UserError(f"no images in split {params.data.train_split!r} to pretrain on")
     digest = training_digest(b, c, entries)
-    if c.reuse:
-        reuse_checkpoint(c.reuse, digest, args.out)
+    if c.reuse and reuse_checkpoint(c.reuse, digest, args.out):
         write_empty_outs(args, f"croc.reuse: {c.reuse}")
         log("pretrain_croc", f"croc.reuse: {c.reuse} was trained with these exact params and data; used as is")
         return

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from unseg import clustering, coco, store
 from unseg.cli import log, parser, run_stage
@@ -20,6 +19,7 @@ from unseg.data.index import DatasetIndex, read_image
 from unseg.data.transforms import geometry
 from unseg.errors import UserError
 from unseg.models.vit import create_vit, load_vit_weights
+from unseg.progress import progress
 from unseg.train.harness import resolve_device
 
 
@@ -42,7 +42,7 @@ def mined_items(index: DatasetIndex, masks: store.RaggedStore, attrs: dict):
     grids = masks.read("grid")
     token_labels = masks.read("token_label")
     patch = int(attrs["backbone"]["patch_size"])
-    for i, image_id in enumerate(tqdm(masks.read("image_id"), desc="mask features", mininterval=1.0)):
+    for i, image_id in enumerate(progress(masks.read("image_id"), desc="mask features")):
         e = by_id[int(image_id)]
         geom = geometry(e.height, e.width, attrs["short_side"], patch, attrs["fit"])
         labels = token_labels[masks.offsets[i] : masks.offsets[i + 1]].reshape(grids[i])

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from unseg import store
 from unseg.cli import log, parser, run_stage
@@ -22,15 +21,16 @@ from unseg.coco import read_json
 from unseg.data.index import DatasetIndex, read_image
 from unseg.deeplab import DeepLabTraining, SemanticBatches, build_deeplab, predict_semantic, train_deeplab
 from unseg.errors import UserError
-from unseg.evaluation.report import score_label_maps
+from unseg.matching import ConfusionAccumulator, evaluate_clusters
 from unseg.models.checkpoint import read_checkpoint
 from unseg.params import config_from
+from unseg.progress import progress
 from unseg.train import harness as H
 
 
 def predict_all(model, entries, device, amp, input_size) -> list[np.ndarray]:
     out = []
-    for e in tqdm(entries, desc="predict", mininterval=1.0):
+    for e in progress(entries, desc="predict"):
         image = torch.from_numpy(read_image(e)).permute(2, 0, 1)
         out.append(predict_semantic(model, image, device, amp=amp, input_size=input_size).numpy().astype(np.uint8))
     return out
@@ -76,13 +76,10 @@ def main(args, params) -> None:
             raise UserError("deeplab.select_best_on_val needs a validation split with ground truth")
 
         def on_epoch_end(epoch: int) -> None:
-            preds = predict_all(model, val, device, p.amp, p.crop_size)
-            score = score_label_maps(
-                zip(preds, (index.read_semantic(e) for e in val), strict=True),
-                k + 1,
-                len(index.classes),
-                index.ignore_index,
-            )["miou"]
+            acc = ConfusionAccumulator(k + 1, len(index.classes), index.ignore_index)
+            for pred, e in zip(predict_all(model, val, device, p.amp, p.crop_size), val, strict=True):
+                acc.update(pred, index.read_semantic(e))
+            score = evaluate_clusters(acc.matrix)["hungarian"]["miou"]
             best = read_checkpoint(best_file, "best epoch") if best_file.exists() else {"miou": -1.0}
             if score > best["miou"] and info.is_main:
                 torch.save({"miou": score, "epoch": epoch, "state": model.state_dict()}, best_file)

@@ -113,3 +113,18 @@ def test_random_palette_is_the_default_and_unchanged():
     b, _, _ = render_sample(3, 0, 4, 3, 64, 80, palette="random")
     c, _, _ = render_sample(3, 0, 4, 3, 64, 80, palette="category")
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_folder_split_by_path_hash_is_stable_when_images_are_added(tmp_path):
+    from PIL import Image
+
+    for i in range(40):
+        Image.new("RGB", (20, 20)).save(tmp_path / f"{i:02d}.png")
+    before = {Path(e.file).name: e.split for e in index_folder(tmp_path, None, "train", "val", 0.25).images}
+    assert 3 <= sum(s == "val" for s in before.values()) <= 18  # about a quarter
+    Image.new("RGB", (20, 20)).save(tmp_path / "new.png")
+    after = {Path(e.file).name: e.split for e in index_folder(tmp_path, None, "train", "val", 0.25).images}
+    assert {k: after[k] for k in before} == before
+    assert {e.split for e in index_folder(tmp_path).images} == {"train"}
+    same = index_folder(tmp_path, None, "train", "train", 0.5)  # one split for both: nothing held out
+    assert {e.split for e in same.images} == {"train"} and len(same.images) == 41

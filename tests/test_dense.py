@@ -5,7 +5,7 @@ import pytest
 
 from unseg.errors import UserError
 from unseg.evaluation.dense import dense_kmeans_labels, l2_normalise, raw_pixel_kmeans_labels, upsample_labels
-from unseg.evaluation.metrics import ConfusionAccumulator, evaluate_clusters
+from unseg.matching import ConfusionAccumulator, evaluate_clusters
 
 DIM = 6
 

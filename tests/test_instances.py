@@ -5,7 +5,8 @@ import pytest
 
 from unseg.coco import annotation
 from unseg.errors import UserError
-from unseg.evaluation.instances import box_iou_xyxy, class_agnostic_mask_ap, select_single_object
+from unseg.evaluation.instances import class_agnostic_mask_ap, select_single_object
+from unseg.matching import box_iou_xyxy
 
 H, W = 40, 50
 

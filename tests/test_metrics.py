@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from unseg.errors import UserError
-from unseg.evaluation.metrics import (
+from unseg.evaluation.metrics import ForegroundIoU
+from unseg.matching import (
     ConfusionAccumulator,
-    ForegroundIoU,
     evaluate_clusters,
     hungarian_mapping,
     identity_mapping,

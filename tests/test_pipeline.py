@@ -200,3 +200,24 @@ def test_the_photos_profile_runs_on_camvid_frames(tmp_path):
     assert {a["image_id"] for a in labels["annotations"]} == {e["id"] for e in index["images"]}
     table1 = json.loads((repo / "artifacts/metrics/table1.json").read_text())
     assert all(0 <= row["miou"] <= 1 and row["images"] == 6 for row in table1.values())
+
+
+@pytest.mark.slow
+def test_inspect_lists_artifacts_describes_them_and_draws_one_image(micro_repo, tmp_path):
+    cmd = [sys.executable, "-m", "unseg", "inspect", "--root", str(micro_repo)]
+    table = run(cmd, micro_repo)
+    masks_row = next(line for line in table.splitlines() if line.startswith("artifacts/masks.zarr"))
+    assert "mine_masks" in masks_row and masks_row.split()[-1] == "24" and " ok " in masks_row
+    described = run([*cmd, "artifacts/masks.zarr", "artifacts/maskrcnn/predictions.json"], micro_repo)
+    assert "24 images" in described and "token_mask" in described and "COCO results" in described
+    image_id = json.loads((micro_repo / "data/prepared/index.json").read_text())["images"][-1]["id"]
+    out = tmp_path / "show.png"
+    run([*cmd, "show", str(image_id), "-o", str(out)], micro_repo)
+    from PIL import Image
+
+    assert Image.open(out).size == (4 * 192, 3 * 208)  # 8 panels (input .. ground truth) and the legend
+    grid = tmp_path / "grid.png"
+    run([*cmd, "grid", "--n", "3", "--sort", "worst", "-o", str(grid)], micro_repo)
+    assert Image.open(grid).size == (8 * 192, 4 * 208)  # 3 images of 8 panels, then the legend
+    missing = subprocess.run([*cmd, "artifacts/nope.zarr"], cwd=micro_repo, capture_output=True, text=True)
+    assert missing.returncode == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr

@@ -98,3 +98,13 @@ def test_probe_user_errors():
         train_linear_probe(feats, [np.full((32, 32), 3), labels[1]], N_CLASSES)
     with pytest.raises(UserError, match="same D"):
         train_linear_probe([feats[0], feats[1][:4]], labels, N_CLASSES)
+
+
+def test_images_within_budget_keeps_all_or_a_seeded_subset_in_order():
+    from unseg.evaluation.probe import images_within_budget
+
+    pixels = [100, 200, 100, 400, 100]
+    assert images_within_budget(pixels, 2.0, 1800, seed=0) == [0, 1, 2, 3, 4]  # 1800 bytes: all fit
+    kept = images_within_budget(pixels, 2.0, 700, seed=0)
+    assert kept == sorted(kept) and sum(2 * pixels[i] for i in kept) <= 700 and len(kept) < 5
+    assert kept == images_within_budget(pixels, 2.0, 700, seed=0)

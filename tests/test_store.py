@@ -114,3 +114,29 @@ def test_missing_store_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError):
         store.RaggedStore(tmp_path / "nope.zarr")
+
+
+def test_a_half_created_partial_is_rebuilt_with_one_line(tmp_path, capsys):
+    grids = np.array([[1, 2]])
+    (tmp_path / "f.zarr.partial").mkdir()  # killed before any metadata was written
+    w = store.feature_writer(tmp_path / "f.zarr", grids, 6, 2, {}, digest="d")
+    assert w.done == 0
+    assert f"discarding {tmp_path / 'f.zarr.partial'}" in capsys.readouterr().err
+
+
+def test_a_real_error_on_a_partial_store_is_not_hidden(tmp_path, monkeypatch):
+    """Only "not this job's store" discards a resumable store; a permission error stops with itself."""
+    rng = np.random.default_rng(3)
+    grids = np.array([[2, 2], [2, 2]])
+    data = make_features(rng, grids)
+    w = store.feature_writer(tmp_path / "f.zarr", grids, 6, 2, {}, digest="d")
+    w.write(0, {k: (v[:4] if k in ("keys", "cls_logits") else v[:1]) for k, v in data.items()})
+
+    def denied(*args, **kwargs):
+        raise PermissionError("permission denied")
+
+    monkeypatch.setattr(store.zarr, "open_group", denied)
+    with pytest.raises(PermissionError):
+        store.feature_writer(tmp_path / "f.zarr", grids, 6, 2, {}, digest="d")
+    monkeypatch.undo()
+    assert store.feature_writer(tmp_path / "f.zarr", grids, 6, 2, {}, digest="d").done == 1  # still resumable

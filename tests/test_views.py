@@ -161,3 +161,23 @@ def test_batch_of_views_shapes_and_patch_centres():
     assert torch.equal(views[1], single)
     torch.testing.assert_close(pos[1], patch_positions(maps, 8))
     assert all(math.isfinite(v) for v in views.flatten().tolist()[:100])
+
+
+def test_the_view_cache_holds_at_most_its_byte_budget_and_views_do_not_depend_on_it(tmp_path):
+    from unseg.data.index import ImageEntry
+    from unseg.pretrain.trainer import CrOCTraining, ViewBatches, view_config
+
+    entries = []
+    for i in range(4):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(path)
+        entries.append(ImageEntry(i, str(path), 32, 40, "train"))
+    views = view_config(CrOCTraining(steps=1, crop_size=16))
+    one_image = 32 * 40 * 3
+    small = ViewBatches(entries, views, patch=8, seed=0, cache_bytes=2 * one_image)
+    big = ViewBatches(entries, views, patch=8, seed=0)
+    a, b = small([0, 1, 2, 3], step=5), big([0, 1, 2, 3], step=5)
+    assert len(small.cache) == 2 and small.cached_bytes <= 2 * one_image and len(big.cache) == 4
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y)

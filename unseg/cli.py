@@ -8,6 +8,7 @@ next run resumes or discards. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -15,17 +16,23 @@ from pathlib import Path
 
 from unseg.errors import UserError
 from unseg.params import Params, load_params
+from unseg.progress import QUIET_ENV, quiet
 
 PARAMS_FILE = "params.yaml"
 
 
 def log(stage: str, message: str) -> None:
-    print(f"[{stage}] {message}", file=sys.stderr, flush=True)
+    """One line ``[stage] message`` on stderr; in quiet mode only warnings are printed."""
+    if not quiet() or message.lower().startswith("warning"):
+        print(f"[{stage}] {message}", file=sys.stderr, flush=True)
 
 
 def run_stage(name: str, main: Callable[[argparse.Namespace, Params], None], parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
+    parser.add_argument("--quiet", action="store_true", help=f"no progress bars, warnings only (or {QUIET_ENV}=1)")
     args = parser.parse_args()
+    if args.quiet:
+        os.environ[QUIET_ENV] = "1"
     start = time.time()
     try:
         params = load_params(Path(args.params))

@@ -214,8 +214,7 @@ def align_to_ground_truth(
     matched to object classes 1..C by the Hungarian algorithm (k == C) or by majority (k > C). Clusters
     left unmatched keep no class and their masks are dropped. Used only with ``cluster.align_to_gt``.
     """
-    from unseg.evaluation.instances import box_iou_xyxy
-    from unseg.evaluation.metrics import hungarian_mapping, majority_mapping
+    from unseg.matching import box_iou_xyxy, hungarian_mapping, majority_mapping
 
     def xyxy(b):
         return np.array([b[0], b[1], b[0] + b[2], b[1] + b[3]], np.float64)

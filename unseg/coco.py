@@ -84,3 +84,11 @@ def write_json(obj, path: str | Path) -> None:
 def read_json(path: str | Path):
     with open(path) as f:
         return json.load(f)
+
+
+def group_by_image(anns: list[dict]) -> dict[int, list[dict]]:
+    """COCO annotations or results keyed by image id, in file order."""
+    out: dict[int, list[dict]] = {}
+    for a in anns:
+        out.setdefault(int(a["image_id"]), []).append(a)
+    return out

@@ -50,6 +50,7 @@ class Data:
     train_split: str = p("train")
     val_split: str | None = p("val")
     limit: int | None = p(None, lo=1)  # at most this many images per split (quick runs)
+    folder_val_fraction: float = p(0.0, lo=0, hi=1, hi_open=True)  # folder: share of images put in val_split
     # the generated dataset
     n_train: int = p(480, lo=1)
     n_val: int = p(120, lo=1)
@@ -241,6 +242,7 @@ class Evaluate:
     maskrcnn_score: float = p(0.5, lo=0, hi=1)  # Table 1 "Mask R-CNN" row: predictions above this score
     probe_epochs: int = p(20, lo=1)  # linear probe (paper App. A.2: 45 epochs, lr 0.1, x0.1 after 25)
     probe_lr: float = p(0.1, lo=0, lo_open=True)
+    probe_memory_mb: int = p(4096, lo=1)  # training features held for the linear probes (a seeded subset beyond)
     crf: bool = p(True)  # DeepLab + dense CRF row (released settings)
     video_root: str | None = p(None)  # a DAVIS 2017 folder; null: the generated videos (if any)
     video_topk: int = p(5, lo=1)

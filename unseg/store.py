@@ -14,7 +14,9 @@ Stores used by the pipeline (names are owned here):
 - ``features.zarr``: per token ``keys`` (T, D) float16 (last-block patch keys, concatenated over
   heads), ``cls_logits`` (T, H) float32 (raw q_CLS(h)·k_j(h)); per image ``cls_token`` (N, D),
   ``grid`` (N, 2), ``input_size`` (N, 2: the resized, unpadded h, w), ``image_id`` (N,).
-- ``masks.zarr``: per token ``token_mask`` (T,) bool; per image ``source`` (N,) (token index of s),
+- ``masks.zarr``: per token ``token_mask`` (T,) bool (inside any mined mask) and ``token_label`` (T,)
+  uint8 (0 outside every mask, m inside the image's m-th mask); per image ``source`` (N,) (token index
+  of the first mask's seed s), ``bottom`` (N,) bool (mined from the least attended side of a_CLS),
   ``grid``, ``input_size``, ``image_id``.
 - ``semantic.zarr``: per pixel ``label`` (P,) uint8; per image ``shape`` (N, 2), ``image_id``.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -86,6 +89,7 @@ class RaggedWriter:
             self.done = int(self.group.attrs["images_done"])
             return
         if self.partial.exists():
+            print(f"[store] discarding {self.partial}: written with other inputs or params", file=sys.stderr)
             shutil.rmtree(self.partial)
         self.group = zarr.open_group(self.partial, mode="w")
         n, t = len(self.lengths), int(self.offsets[-1])
@@ -95,10 +99,12 @@ class RaggedWriter:
         self.group.attrs.update({**attrs, "digest": digest, "images_done": 0})
 
     def _resumable(self, digest: str) -> bool:
+        """Whether the partial store was written by this very job. A store left half-created by a kill
+        (no metadata, no ``offsets``) is not; any other error (a permission, a full disk) propagates."""
         try:
             g = zarr.open_group(self.partial, mode="r")
             return g.attrs.get("digest") == digest and np.array_equal(g["offsets"][:], self.offsets)
-        except Exception:  # an unreadable partial store is simply rebuilt
+        except (FileNotFoundError, KeyError, ValueError):  # zarr.errors.BaseZarrError is a ValueError
             return False
 
     def write(self, start: int, values: Mapping[str, np.ndarray]) -> None:

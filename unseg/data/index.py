@@ -10,6 +10,7 @@ layout. The embedded generated dataset is written by :func:`prepare_generated`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -206,14 +207,33 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
-def index_folder(root: str | Path, limit: int | None = None) -> DatasetIndex:
-    """Every image under ``root`` (recursively), split 'train', no ground truth."""
+def folder_split(relative_path: str, val_fraction: float) -> bool:
+    """Whether an image goes to the validation split: a hash of its path below ``data.root``, so the
+    split of an image never changes when others are added or removed."""
+    digest = hashlib.sha1(relative_path.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+def index_folder(
+    root: str | Path,
+    limit: int | None = None,
+    split: str = "train",
+    val_split: str | None = None,
+    val_fraction: float = 0.0,
+) -> DatasetIndex:
+    """Every image under ``root`` (recursively), no ground truth: in ``split`` (the training split), or in
+    ``val_split`` for a ``val_fraction`` share of them (:func:`folder_split`)."""
     root = _require_dir(Path(root), "image")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UserError(f"data.root: no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
     files = _limit(files, limit)
-    entries = [ImageEntry(i, str(f.resolve()), *_image_size(f), "train") for i, f in enumerate(files)]
+
+    def split_of(f: Path) -> str:
+        held_out = val_split and val_split != split and folder_split(f.relative_to(root).as_posix(), val_fraction)
+        return val_split if held_out else split
+
+    entries = [ImageEntry(i, str(f.resolve()), *_image_size(f), split_of(f)) for i, f in enumerate(files)]
     return DatasetIndex(name="folder", images=entries)
 
 

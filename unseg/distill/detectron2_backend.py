@@ -12,7 +12,9 @@ and ``*_moco.yaml``. detectron2 itself is imported only by :func:`train_and_pred
 
 from __future__ import annotations
 
+import json
 import pickle
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -289,3 +291,22 @@ def train_and_predict_detectron2(
             results.append(annotation(len(results) + 1, int(image_id), category, mask, score=float(score)))
     write_json(results, out_dir / "predictions.json")
     return results
+
+
+def run_detectron2(
+    cfg: dict, train_json: dict, paths: dict[int, str], index, work: Path, out: Path, log_path: Path
+) -> None:
+    """The detectron2 branch of ``distill_maskrcnn``: train on ``train_json`` in ``work`` (resumable), predict
+    every image of ``index``; writes ``out/predictions.json``, ``out/model.pt`` and the loss log."""
+    write_json(train_json, work / "train.json")
+    preds = train_and_predict_detectron2(
+        detectron2_config(cfg), work / "train.json", paths, work, [(e.id, e.file) for e in index.images]
+    )
+    write_json(preds, out / "predictions.json")
+    shutil.copy(work / "model_final.pth", out / "model.pt")
+    metrics = work / "metrics.json"  # detectron2's per-iteration log (json lines)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text(
+        "step,loss\n" + "".join(f"{r['iteration']},{r['total_loss']}\n" for r in rows if "total_loss" in r)
+    )

@@ -26,6 +26,7 @@ from pycocotools.cocoeval import COCOeval
 
 from unseg.coco import to_rle
 from unseg.errors import UserError
+from unseg.matching import box_iou_xyxy
 
 AGNOSTIC_CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
 
@@ -92,16 +93,6 @@ def most_confident_per_image(results: list[dict]) -> list[dict]:
         if key not in best or best[key]["score"] < res["score"]:
             best[key] = res
     return list(best.values())
-
-
-def box_iou_xyxy(box: np.ndarray, boxes: np.ndarray, eps: float = 1e-8) -> np.ndarray:
-    """IoU of one XYXY box (4,) with boxes (n, 4): |∩| / (|a| + |b| − |∩|), ``eps`` as in ``iou_box``."""
-    iw = (np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0])).clip(min=0)
-    ih = (np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1])).clip(min=0)
-    inter = iw * ih
-    area_a = (box[2] - box[0]) * (box[3] - box[1] + eps)
-    area_b = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1] + eps)
-    return inter / (area_a + area_b - inter + eps)
 
 
 def _xywh_to_xyxy(b) -> np.ndarray:

@@ -68,6 +68,21 @@ def _batch_loss(conv: nn.Conv2d, feats: list[torch.Tensor], labels: list[torch.T
     return total / max(n_valid, 1)
 
 
+def images_within_budget(pixels: Sequence[int], bytes_per_pixel: float, budget_bytes: float, seed: int) -> list[int]:
+    """Indices of the images whose features fit in ``budget_bytes``: all of them when they fit, else a seeded
+    random subset (in the original order), so the linear probe's memory stays bounded on a large split.
+
+    ``pixels[i]`` is image i's pixel count and ``bytes_per_pixel`` the feature bytes per input pixel
+    (measured on one image: features scale with the input area).
+    """
+    need = np.asarray(pixels, np.float64) * bytes_per_pixel
+    if need.sum() <= budget_bytes:
+        return list(range(len(pixels)))
+    order = torch.randperm(len(pixels), generator=generator(seed)).numpy()
+    fits = np.cumsum(need[order]) <= budget_bytes
+    return sorted(order[fits].tolist())
+
+
 def train_linear_probe(
     features: Sequence[torch.Tensor],
     labels: Sequence[np.ndarray],

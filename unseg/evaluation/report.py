@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from unseg import coco
-from unseg.evaluation.metrics import ConfusionAccumulator, evaluate_clusters
+from unseg.matching import ConfusionAccumulator, evaluate_clusters
 
 
 def score_label_maps(pairs: Iterable[tuple[np.ndarray, np.ndarray]], n_pred: int, n_gt: int, ignore_index: int) -> dict:
@@ -60,13 +60,6 @@ def rasterise_annotations(anns: list[dict], height: int, width: int) -> np.ndarr
     return lab
 
 
-def group_by_image(anns: list[dict]) -> dict[int, list[dict]]:
-    out: dict[int, list[dict]] = {}
-    for a in anns:
-        out.setdefault(int(a["image_id"]), []).append(a)
-    return out
-
-
 def markdown_table(rows: dict[str, dict], columns: list[tuple[str, str]], scale: float = 100.0) -> str:
     """A markdown table: one row per entry of ``rows``, ``columns`` = [(key, header)], values x ``scale``."""
 
@@ -77,3 +70,33 @@ def markdown_table(rows: dict[str, dict], columns: list[tuple[str, str]], scale:
     sep = "|---|" + "---:|" * len(columns)
     body = [f"| {name} | " + " | ".join(cell(r.get(k)) for k, _ in columns) + " |" for name, r in rows.items()]
     return "\n".join([head, sep, *body]) + "\n"
+
+
+def evaluation_markdown(
+    split: str,
+    n_images: int,
+    n_classes: int,
+    k: int,
+    rows: dict,
+    baselines: dict,
+    instances: dict,
+    linear: dict,
+    columns: list[tuple[str, str]],
+) -> str:
+    """``table.md`` of the evaluate stage: Table 1 with the baselines, mask AP, the linear protocols."""
+    text = [
+        f"Split `{split}`: {n_images} images, {n_classes} classes, k = {k} clusters; values in %.\n",
+        "## Table 1 (clustering: Hungarian-matched mIoU)\n",
+        markdown_table({**rows, **{f"baseline: {n}": r for n, r in baselines.items()}}, columns),
+    ]
+    if instances:
+        text += [
+            "\n## Class-agnostic mask AP\n",
+            markdown_table(instances, [("AP", "AP"), ("AP50", "AP50")], scale=1.0),
+        ]
+    if linear:
+        text += [
+            "\n## Linear evaluation (1x1 conv trained with ground truth on frozen DeepLab features)\n",
+            markdown_table(linear, [("miou", "mIoU"), ("pixel_accuracy", "pixel acc.")]),
+        ]
+    return "\n".join(text)

@@ -16,7 +16,8 @@ import numpy as np
 from unseg import coco, store
 from unseg.data.index import DatasetIndex, ImageEntry
 from unseg.evaluation.instances import class_agnostic_mask_ap
-from unseg.evaluation.report import group_by_image, rasterise_annotations, score_label_maps
+from unseg.evaluation.report import rasterise_annotations, score_label_maps
+from unseg.filtering import IGNORE
 
 
 def stored_label_maps(path: str | Path, ids: Iterable[int]) -> dict[int, np.ndarray]:
@@ -28,7 +29,7 @@ def stored_label_maps(path: str | Path, ids: Iterable[int]) -> dict[int, np.ndar
 
 def annotation_label_maps(anns: list[dict], entries: Sequence[ImageEntry]) -> dict[int, np.ndarray]:
     """COCO annotations or results painted into one label map per entry (most confident on top)."""
-    by_image = group_by_image(anns)
+    by_image = coco.group_by_image(anns)
     return {e.id: rasterise_annotations(by_image.get(e.id, []), e.height, e.width) for e in entries}
 
 
@@ -67,3 +68,29 @@ def mask_ap_rows(gt: dict, results: dict[str, list[dict]]) -> dict[str, dict]:
             ap = class_agnostic_mask_ap(gt, res, mode)
             rows[f"{name}_{mode}"] = {"AP": ap["AP"], "AP50": ap["AP50"]}
     return rows
+
+
+def table1_rows(
+    pseudo_anns: list[dict],
+    preds: list[dict],
+    semantic: str | Path,
+    deeplab_predictions: str | Path,
+    val: Sequence[ImageEntry],
+    gts: dict[int, np.ndarray],
+    score,
+    k: int,
+    maskrcnn_score: float,
+) -> dict[str, dict]:
+    """Rows 1-4 on the validation split: each artifact painted into label maps, then ``score(maps, n_pred)``.
+
+    Row 2 paints the Mask R-CNN predictions scoring at least ``maskrcnn_score``; row 3 is the filtered
+    pseudo-ground-truth, its ignored pixels (``filter.uncertain_score``) counted as background.
+    """
+    confident = [p for p in preds if p["score"] >= maskrcnn_score]
+    filtered = {i: np.where(m == IGNORE, 0, m) for i, m in stored_label_maps(semantic, gts).items()}
+    return {
+        "1 mined masks + K-means": score(annotation_label_maps(pseudo_anns, val), k + 1),
+        "2 + Mask R-CNN": score(annotation_label_maps(confident, val), k + 1),
+        "3 + confidence filter": score(filtered, k + 1),
+        "4 + DeepLab-v3": score(stored_label_maps(deeplab_predictions, gts), k + 1),
+    }

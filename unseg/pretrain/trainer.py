@@ -94,22 +94,30 @@ def param_groups(modules: Sequence[nn.Module]) -> list[dict]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+CACHE_BYTES = 1 << 30  # decoded uint8 images kept per process: all of a small folder, a bounded share of a big one
+
+
 class ViewBatches:
     """``make_batch(indices, step)`` for :class:`harness.StepBatches`: two views + patch positions per image.
 
     The views of image i at step s are drawn from ``step_seed(seed, s, i)``: a pure function of the step.
     """
 
-    def __init__(self, entries: Sequence[ImageEntry], views: ViewConfig, patch: int, seed: int, cache: bool = True):
+    def __init__(
+        self, entries: Sequence[ImageEntry], views: ViewConfig, patch: int, seed: int, cache_bytes: int = CACHE_BYTES
+    ):
         self.entries, self.views, self.patch, self.seed = list(entries), views, patch, seed
-        self.cache: dict[int, torch.Tensor] | None = {} if cache else None
+        self.cache: dict[int, torch.Tensor] = {}
+        self.cache_bytes, self.cached_bytes = cache_bytes, 0
 
     def image(self, i: int) -> torch.Tensor:
-        if self.cache is not None and i in self.cache:
+        """Decoded image i; kept in memory while the cache (per worker process) holds under ``cache_bytes``."""
+        if i in self.cache:
             return self.cache[i]
         img = torch.from_numpy(read_image(self.entries[i])).permute(2, 0, 1).contiguous()
-        if self.cache is not None:
+        if self.cached_bytes + img.numel() <= self.cache_bytes:  # full: later images are decoded each time
             self.cache[i] = img
+            self.cached_bytes += img.numel()
         return img
 
     def __call__(self, indices: list[int], step: int):

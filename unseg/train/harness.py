@@ -27,10 +27,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from unseg.errors import UserError
 from unseg.models.checkpoint import read_checkpoint
+from unseg.progress import progress
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -293,14 +293,13 @@ def train_loop(
         start = int(state["step"])
     batches = make_batches(start)
     log = CsvLog(log_path, resume_step=start, is_main=info.is_main)
-    bar = tqdm(
+    bar = progress(
         range(start, total_steps),
         desc=desc,
         initial=start,
         total=total_steps,
         disable=not info.is_main,
         dynamic_ncols=True,
-        mininterval=1.0,
     )
     for step in bar:
         torch.manual_seed(step_seed(seed, step, salt=2) + info.rank)

@@ -1,0 +1,51 @@
+"""kill -9 in the middle of a training stage under `dvc repro`: nothing half-written is ever recorded,
+and the rerun resumes to exactly the result of an uninterrupted run (same machine)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_pipeline import make_repo, micro, run, stale  # noqa: E402
+
+LONGER = {"distill": {"steps": 6, "lr_steps": [4], "ckpt_every": 1}, "deeplab": {"epochs": 3, "ckpt_every": 1}}
+
+
+def out_hashes(repo: Path, stage: str) -> dict:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]
+    return {o["path"]: o.get("md5") for o in lock["outs"] if "scratch" not in o["path"]}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return make_repo(tmp_path_factory.mktemp("interrupt"), micro(LONGER))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "scratch"), [("distill_maskrcnn", "maskrcnn"), ("train_deeplab", "deeplab")])
+def test_kill_mid_training_then_rerun_equals_the_uninterrupted_run(repo, stage, scratch):
+    reference = out_hashes(repo, stage)
+    ckpt_dir = repo / "artifacts" / "scratch" / scratch
+    subprocess.run(["rm", "-rf", str(ckpt_dir)], check=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "dvc", "repro", "-f", "-s", stage]
+    proc = subprocess.Popen(
+        cmd, cwd=repo, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while not list(ckpt_dir.glob("step_*.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # dvc and the stage process with it
+    proc.wait()
+    assert list(ckpt_dir.glob("step_*.pt")), f"{stage} wrote no checkpoint before the kill"
+    assert stage in stale(repo), f"{stage} was recorded as up to date after a kill"
+    out = run([sys.executable, "-m", "dvc", "repro", "-s", stage], repo, timeout=600)
+    assert f"Running stage '{stage}'" in out
+    assert out_hashes(repo, stage) == reference  # resumed, and equal to the uninterrupted run
+    assert stage not in stale(repo)

@@ -1,0 +1,34 @@
+"""Progress bars only in a terminal; --quiet keeps warnings and errors only."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from unseg import progress as P
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bars_are_off_when_stderr_is_not_a_terminal_or_quiet(monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.delenv(P.QUIET_ENV, raising=False)
+    assert not P.progress(range(3)).disable
+    monkeypatch.setenv(P.QUIET_ENV, "1")
+    assert P.progress(range(3)).disable
+    monkeypatch.setenv(P.QUIET_ENV, "0")
+    assert P.progress(range(3), disable=True).disable
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert P.progress(range(3)).disable
+
+
+def test_a_piped_stage_log_has_no_redraws_and_quiet_keeps_errors_only(tmp_path):
+    """A stage run as DVC runs it (stderr piped): plain lines only; --quiet: nothing but the error line."""
+    cmd = [sys.executable, "-m", "stages.prepare", str(tmp_path / "prepared")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and "\r" not in done.stderr and "[prepare] done in" in done.stderr
+    quiet = subprocess.run([*cmd, "--quiet"], cwd=ROOT, capture_output=True, text=True)
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    bad = subprocess.run(
+        [*cmd, "--quiet", "--params", str(tmp_path / "none.yaml")], cwd=ROOT, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "no such params file" in bad.stderr

@@ -258,7 +258,8 @@ def stage_panels(root: Path, image_id: int, index: DatasetIndex, mapping: np.nda
     masks, mi = store_row(root / "artifacts/masks.zarr", image_id, "mine_masks")
     mined = token_mask_to_pixels(masks.rows("token_mask", mi).reshape(grid), geom)
     side = "bottom" if "bottom" in masks and masks.read("bottom")[mi] else "top"
-    panels.append(panel(blend(image, mined.astype(np.int64)), f"mined mask ({side})"))
+    highlight = np.where(mined[..., None], 0.45 * image + 0.55 * 255, 0.35 * image).astype(np.uint8)
+    panels.append(panel(highlight, f"mined mask ({side})"))  # white: a mask, not a class
     pseudo = coco.read_json(root / "artifacts/pseudo_labels/instances.json")
     label = np.zeros(mined.shape, np.int64)
     for ann in coco.group_by_image(pseudo["annotations"]).get(image_id, []):

@@ -42,6 +42,7 @@ STAGES = [
     "train_deeplab",
     "evaluate_backbone",
     "evaluate",
+    "health",
 ]
 
 
@@ -140,13 +141,13 @@ def test_second_repro_does_nothing_and_a_mining_param_reruns_only_its_subgraph(m
 
 
 @pytest.mark.slow
-def test_filter_tau_reruns_only_filter_deeplab_and_evaluate(micro_repo):
+def test_filter_tau_reruns_only_filter_deeplab_evaluate_and_health(micro_repo):
     params = yaml.safe_load((micro_repo / "params.yaml").read_text())
     params["filter"]["tau"] = 0.5
     (micro_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run([sys.executable, "-m", "dvc", "repro"], micro_repo, timeout=600)
     ran = stages_run(out)
-    assert "filter_confident" in ran and ran <= {"filter_confident", "train_deeplab", "evaluate"}
+    assert "filter_confident" in ran and ran <= {"filter_confident", "train_deeplab", "evaluate", "health"}
 
 
 @pytest.mark.slow

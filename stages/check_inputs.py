@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import json
 
-from unseg.cli import log, parser, run_stage
+from unseg.cli import log, parser, run_stage, write_text
 from unseg.data.listing import dataset_listing
 
 
 def main(args, params) -> None:
     d = params.data
     listing = dataset_listing(d.dataset, d.root)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(listing, indent=0) + "\n")
-    tmp.replace(args.out)  # equal content, equal hash: prepare and what follows stay up to date
+    write_text(args.out, json.dumps(listing, indent=0) + "\n")  # equal content, equal hash: prepare is skipped
     log("check_inputs", f"params valid; {len(listing['files'])} files under data.root")
 
 

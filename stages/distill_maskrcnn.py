@@ -20,6 +20,7 @@ from unseg.distill.maskrcnn import CocoInstanceDataset, build_maskrcnn, load_ima
 from unseg.distill.params import detectron2_params
 from unseg.distill.trainer import MaskRCNNTraining, train_maskrcnn
 from unseg.errors import UserError
+from unseg.models.checkpoint import save_checkpoint
 from unseg.params import config_from
 from unseg.progress import progress
 from unseg.train import harness as H
@@ -84,7 +85,7 @@ def main(args, params) -> None:
     if not info.is_main:
         return
     log("distill_maskrcnn", f"{ran} of {d.steps} steps run now; predicting on {len(index.images)} images")
-    torch.save(
+    save_checkpoint(
         {"model": model.state_dict(), "num_classes": k, "category_ids": dataset.category_ids}, args.out / "model.pt"
     )
     images = ((e.id, load_image(e.file)) for e in progress(index.images, desc="predict"))

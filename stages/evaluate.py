@@ -19,7 +19,7 @@ import json
 import numpy as np
 
 from unseg import coco, store
-from unseg.cli import log, parser, run_stage
+from unseg.cli import log, parser, run_stage, write_text
 from unseg.data.index import DatasetIndex
 from unseg.evaluation import protocols as P
 from unseg.evaluation.report import evaluation_markdown
@@ -38,8 +38,8 @@ METRICS = ("table1", "instances", "linear", "baselines")
 def write_metrics(out, values: dict, markdown: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name in METRICS:
-        (out / f"{name}.json").write_text(json.dumps(values[name], indent=2) + "\n")
-    (out / "table.md").write_text(markdown)
+        write_text(out / f"{name}.json", json.dumps(values[name], indent=2) + "\n")
+    write_text(out / "table.md", markdown)
 
 
 def main(args, params) -> None:

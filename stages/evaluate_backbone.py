@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from unseg.cli import log, parser, run_stage
+from unseg.cli import log, parser, run_stage, write_text
 from unseg.coco import group_by_image
 from unseg.data.index import DatasetIndex
 from unseg.errors import UserError
@@ -88,7 +88,7 @@ def main(args, params) -> None:
     if not val or not train:
         note = "no ground truth on the training and validation splits: nothing to score"
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"note": note}) + "\n")
+        write_text(args.out, json.dumps({"note": note}) + "\n")
         log("evaluate_backbone", note)
         return
     device = resolve_device(ev.device)
@@ -127,7 +127,7 @@ def main(args, params) -> None:
     chain.pop("per_class_iou")
     result["random_init_front_half"] = chain
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_text(args.out, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

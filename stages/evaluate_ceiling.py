@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 from unseg import coco
-from unseg.cli import log, parser, run_stage
+from unseg.cli import log, parser, run_stage, write_text
 from unseg.data.index import DatasetIndex
 from unseg.errors import UserError
 from unseg.evaluation.table1 import (
@@ -41,7 +41,7 @@ def main(args, params) -> None:
         ap = mask_ap_rows(ground_truth_subset(index, gts), {"maskrcnn": preds})["maskrcnn_multi"]
         out["maskrcnn_ap50"], out["maskrcnn_ap"] = ap["AP50"], ap["AP"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_text(args.out, json.dumps(out, indent=2) + "\n")
     log("evaluate_ceiling", json.dumps(out))
 
 

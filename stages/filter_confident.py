@@ -14,7 +14,7 @@ import json
 import numpy as np
 
 from unseg import store
-from unseg.cli import log, parser, run_stage
+from unseg.cli import log, parser, run_stage, write_text
 from unseg.coco import group_by_image, read_json
 from unseg.data.index import DatasetIndex
 from unseg.filtering import IGNORE, filter_image
@@ -40,7 +40,7 @@ def main(args, params) -> None:
         "ignored_pixel_fraction": float(np.mean([np.mean(lab == IGNORE) for lab in labels])),
     }
     args.summary.parent.mkdir(parents=True, exist_ok=True)
-    args.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(args.summary, json.dumps(summary, indent=2) + "\n")
     log("filter_confident", f"{summary['kept_per_image']:.2f} masks kept per image -> {args.out}")
 
 

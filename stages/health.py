@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 from unseg import coco, store
-from unseg.cli import log, parser, run_stage
+from unseg.cli import log, parser, run_stage, write_text
 from unseg.evaluation import health as H
 
 
@@ -35,7 +35,7 @@ def main(args, params) -> None:
         "deeplab": H.label_fractions(semantic_maps(args.deeplab / "predictions.zarr"), k + 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    write_text(args.out, json.dumps(figures, indent=2) + "\n")
     m, c = figures["mined_masks"], figures["clusters"]
     log(
         "health",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from unseg.cli import log, parser, run_stage
+from unseg.cli import log, parser, run_stage, write_text
 from unseg.data import index as data_index
 from unseg.progress import progress
 
@@ -60,7 +60,7 @@ def main(args, params) -> None:
         idx, skipped = data_index.drop_unreadable(idx, MIN_SIDE)
         for file, reason in skipped.items():
             log("prepare", f"warning: skipping {file}: {reason}")
-    (out / "skipped.json").write_text(json.dumps({"count": len(skipped), "images": skipped}, indent=2) + "\n")
+    write_text(out / "skipped.json", json.dumps({"count": len(skipped), "images": skipped}, indent=2) + "\n")
     idx.save(out / "index.json")
     counts = {s: len(idx.split(s)) for s in sorted({e.split for e in idx.images})}
     gt = "yes" if idx.has_ground_truth else "no"

@@ -22,7 +22,7 @@ from unseg.data.index import DatasetIndex, read_image
 from unseg.deeplab import DeepLabTraining, SemanticBatches, build_deeplab, predict_semantic, train_deeplab
 from unseg.errors import UserError
 from unseg.matching import ConfusionAccumulator, evaluate_clusters
-from unseg.models.checkpoint import read_checkpoint
+from unseg.models.checkpoint import read_checkpoint, save_checkpoint
 from unseg.params import config_from
 from unseg.progress import progress
 from unseg.train import harness as H
@@ -82,7 +82,7 @@ def main(args, params) -> None:
             score = evaluate_clusters(acc.matrix)["hungarian"]["miou"]
             best = read_checkpoint(best_file, "best epoch") if best_file.exists() else {"miou": -1.0}
             if score > best["miou"] and info.is_main:
-                torch.save({"miou": score, "epoch": epoch, "state": model.state_dict()}, best_file)
+                save_checkpoint({"miou": score, "epoch": epoch, "state": model.state_dict()}, best_file)
 
     training = config_from(DeepLabTraining, p)
     log_path = args.ckpt / "loss.csv"
@@ -95,7 +95,7 @@ def main(args, params) -> None:
         log("train_deeplab", f"select_best_on_val: keeping epoch {best['epoch']} (val mIoU {best['miou']:.3f})")
     log("train_deeplab", f"{ran} steps run now; predicting on {len(index.images)} images")
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "num_classes": k + 1, "backbone": p.backbone}, args.out / "model.pt")
+    save_checkpoint({"model": model.state_dict(), "num_classes": k + 1, "backbone": p.backbone}, args.out / "model.pt")
     preds = predict_all(model, index.images, device, p.amp, p.crop_size)
     store.write_semantic(
         args.out / "predictions.zarr",

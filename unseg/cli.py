@@ -46,6 +46,15 @@ def run_stage(name: str, main: Callable[[argparse.Namespace, Params], None], par
     log(name, f"done in {time.time() - start:.1f} s")
 
 
+def write_text(path: Path, text: str) -> Path:
+    """Write a stage's small output (a metrics json) to a temporary file beside it, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
 def parser(description: str, *paths: str) -> argparse.ArgumentParser:
     """An argument parser taking the given positional paths (deps first, then outs, as in dvc.yaml)."""
     ap = argparse.ArgumentParser(description=description)

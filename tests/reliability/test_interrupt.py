@@ -49,3 +49,26 @@ def test_kill_mid_training_then_rerun_equals_the_uninterrupted_run(repo, stage, 
     assert f"Running stage '{stage}'" in out
     assert out_hashes(repo, stage) == reference  # resumed, and equal to the uninterrupted run
     assert stage not in stale(repo)
+
+
+def test_small_outputs_and_models_are_written_by_rename(tmp_path, monkeypatch):
+    """A stage's metrics json and model file appear whole or not at all (temporary file, then rename)."""
+    import torch
+
+    from unseg.cli import write_text
+    from unseg.models.checkpoint import read_checkpoint, save_checkpoint
+
+    target = tmp_path / "m" / "metrics.json"
+    write_text(target, '{"a": 1}\n')
+    assert target.read_text() == '{"a": 1}\n' and not list(tmp_path.rglob("*.tmp"))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # dies while writing
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"w": torch.zeros(2)}, tmp_path / "model.pt")
+    assert not (tmp_path / "model.pt").exists()
+    monkeypatch.undo()
+    save_checkpoint({"w": torch.ones(2)}, tmp_path / "model.pt")
+    assert torch.equal(read_checkpoint(tmp_path / "model.pt", "model")["w"], torch.ones(2))

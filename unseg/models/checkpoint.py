@@ -9,6 +9,7 @@ strings is refused with one line instead of being executed. The one class allowe
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import re
 from pathlib import Path
@@ -38,3 +39,12 @@ def read_checkpoint(path: str | Path, what: str) -> dict:
         ) from err
     except Exception as err:  # a corrupt or non-torch file is a user mistake, not a crash
         raise UserError(f"{what}: cannot read {path} as a torch checkpoint ({err})".replace("\n", " ")) from err
+
+
+def save_checkpoint(obj, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then rename: a kill never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path

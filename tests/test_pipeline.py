@@ -204,6 +204,24 @@ def test_the_photos_profile_runs_on_camvid_frames(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not CAMVID.is_dir(), reason="../shared/data/camvid not present")
+def test_your_own_folder_as_the_readme_says(tmp_path):
+    """README "Your own data": the photos profile with data.dataset folder and data.root set (micro budget)."""
+    photos = tmp_path / "my_photos"
+    photos.mkdir()
+    for f in sorted((CAMVID / "val" / "images").iterdir())[:6]:
+        shutil.copy(f, photos / f.name)  # images only: no ground truth
+    own = micro({"data": {"dataset": "folder", "root": str(photos)}, "cluster": {"classes": 3}})
+    (tmp_path / "repo").mkdir()
+    repo = make_repo(tmp_path / "repo", own, ROOT / "configs" / "photos.yaml")
+    table1 = json.loads((repo / "artifacts/metrics/table1.json").read_text())
+    assert "nothing to score" in table1["note"]
+    health = json.loads((repo / "artifacts/metrics/health.json").read_text())
+    assert health["mined_masks"]["images"] == 6 and sum(health["clusters"]["sizes"]) >= 6
+    assert 0 < health["mined_masks"]["mask_area_fraction"] <= 1  # a 2-step CrOC mines whole images here
+
+
+@pytest.mark.slow
 def test_inspect_lists_artifacts_describes_them_and_draws_one_image(micro_repo, tmp_path):
     cmd = [sys.executable, "-m", "unseg", "inspect", "--root", str(micro_repo)]
     table = run(cmd, micro_repo)

@@ -17,77 +17,22 @@ from pathlib import Path
 import torch
 
 from unseg.cli import log, parser, run_stage, write_text
-from unseg.coco import group_by_image
 from unseg.data.index import DatasetIndex
 from unseg.errors import UserError
-from unseg.evaluation import backbone as B
-from unseg.evaluation.probe import images_within_budget
-from unseg.evaluation.report import rasterise_annotations, score_label_maps
+from unseg.evaluation.backbone import backbone_suite, front_half_row
 from unseg.evaluation.video import read_davis_sequences
-from unseg.features import geometries
-from unseg.mining import MiningConfig
 from unseg.models.vit import create_vit, load_vit_weights
-from unseg.params import config_from
-from unseg.pipeline import cluster_mined, mine_images
 from unseg.train.harness import resolve_device
 
 
-def protocols(model, params, index, train, train_gts, val, val_gts, videos, device) -> tuple[dict, list]:
-    """The four backbone scores, and the mined masks of the validation images."""
-    ev, f, m = params.evaluate, params.features, params.mining
-    n, ignore = len(index.classes), index.ignore_index
-    val_feats, val_geoms = B.dense_features(model, val, f.short_side, f.fit, device, f.batch_size)
-    out = {"dense_kmeans_miou": B.dense_kmeans_miou(val_feats, val_geoms, val_gts, n, ignore, ev.seed)["miou"]}
-    tokens = [g.grid[0] * g.grid[1] for g in geometries(train, f.short_side, params.backbone.patch_size, f.fit)]
-    keep = images_within_budget(tokens, 4 * model.embed_dim, ev.probe_memory_mb * 2**20, ev.seed)
-    if len(keep) < len(train):
-        log("evaluate_backbone", f"linear probe: tokens of {len(keep)} of {len(train)} training images fit")
-    train, train_gts = [train[i] for i in keep], [train_gts[i] for i in keep]
-    train_feats, train_geoms = B.dense_features(model, train, f.short_side, f.fit, device, f.batch_size)
-    out["linear_probe_miou"] = B.linear_probe_miou(
-        train_feats,
-        train_geoms,
-        train_gts,
-        val_feats,
-        val_geoms,
-        val_gts,
-        n,
-        ignore,
-        ev.probe_epochs,
-        ev.probe_lr,
-        ev.seed,
-        device,
-    )["miou"]
-    if videos:
-        out["davis_jf"] = B.video_jf(
-            model,
-            videos,
-            f.short_side,
-            device,
-            ev.video_topk,
-            ev.video_last_frames,
-            ev.video_neighborhood,
-            ev.video_temperature,
-        )["JF"]
-    cfg = config_from(MiningConfig, m)
-    if index.classes[0].lower() == "background":
-        polarity, mined = B.mask_polarity(
-            model, val, val_gts, f.short_side, f.fit, cfg, device, f.batch_size, m.upsample
-        )
-        out.update(polarity)
-    else:
-        mined = mine_images(model, val, f.short_side, f.fit, cfg, device, f.batch_size)
-    return out, mined
-
-
 def main(args, params) -> None:
-    ev, b, f, m, c = params.evaluate, params.backbone, params.features, params.mining, params.cluster
+    ev, b = params.evaluate, params.backbone
     index = DatasetIndex.load(args.index)
     val, val_gts = index.labelled(params.data.val_split)
     train, train_gts = index.labelled(params.data.train_split)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     if not val or not train:
         note = "no ground truth on the training and validation splits: nothing to score"
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         write_text(args.out, json.dumps({"note": note}) + "\n")
         log("evaluate_backbone", note)
         return
@@ -103,30 +48,15 @@ def main(args, params) -> None:
     result, mined = {}, {}
     for name, model in (("pretrained", pretrained), ("random_init", random_vit)):
         model.eval().to(device)
-        result[name], mined[name] = protocols(model, params, index, train, train_gts, val, val_gts, videos, device)
+        splits = (train, train_gts, val, val_gts)
+        result[name], mined[name] = backbone_suite(
+            model, params, index, splits, videos, device, lambda m: log("evaluate_backbone", m)
+        )
         log("evaluate_backbone", f"{name}: {json.dumps(result[name])}")
     # the Table-1 baseline: the whole front half (mine -> K-means) with the random ViT
-    anns = cluster_mined(
-        random_vit,
-        mined["random_init"],
-        c.input,
-        c.classes * c.overcluster,
-        c.seed,
-        device,
-        c.whiten,
-        c.algorithm,
-        m.upsample,
-        f.batch_size,
-        c.kmeans_batch_size,
+    result["random_init_front_half"] = front_half_row(
+        random_vit, mined["random_init"], params, index, val, val_gts, device
     )
-    by_image = group_by_image(anns)
-    preds = (rasterise_annotations(by_image.get(e.id, []), e.height, e.width) for e in val)
-    chain = score_label_maps(
-        zip(preds, val_gts, strict=True), c.classes * c.overcluster + 1, len(index.classes), index.ignore_index
-    )
-    chain.pop("per_class_iou")
-    result["random_init_front_half"] = chain
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text(args.out, json.dumps(result, indent=2) + "\n")
 
 

@@ -16,7 +16,6 @@ checkpoints guarded by a params digest) and the loss log, copied to ``<log>`` at
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -24,62 +23,10 @@ import torch
 from unseg.cli import log, parser, run_stage
 from unseg.data.index import DatasetIndex
 from unseg.errors import UserError
-from unseg.models.checkpoint import read_checkpoint
 from unseg.models.vit import create_vit, load_vit_weights, save_dino_checkpoint
-from unseg.pretrain.croc import CrOCConfig
-from unseg.pretrain.trainer import CrOCTraining, build_models, train_croc
+from unseg.pretrain.reuse import reuse_checkpoint, split_croc_params, training_digest
+from unseg.pretrain.trainer import build_models, train_croc
 from unseg.train import harness as H
-
-OBJECTIVE_KEYS = (
-    "sinkhorn_lambda",
-    "sinkhorn_iters",
-    "pos_alpha",
-    "marginals_temp_r",
-    "marginals_temp_c",
-    "uniform_marginals",
-    "n_tokens",
-    "n_centroids_max",
-    "teacher_temp",
-    "teacher_temp_c",
-    "student_temp",
-    "student_temp_c",
-    "center_momentum",
-    "alpha_s",
-)
-
-
-def split_croc_params(c) -> tuple[CrOCTraining, CrOCConfig]:
-    training = CrOCTraining(**{k: getattr(c, k) for k in CrOCTraining.__dataclass_fields__})
-    objective = CrOCConfig(**{k: getattr(c, k) for k in OBJECTIVE_KEYS})
-    return training, objective
-
-
-RUNTIME_KEYS = {"reuse", "device", "workers", "ckpt_every"}  # do not change what training computes
-
-
-def training_digest(b, c, entries) -> str:
-    """What determines the trained weights: architecture, CrOC params and the training images' bytes."""
-    croc = {k: v for k, v in vars(c).items() if k not in RUNTIME_KEYS}
-    arch = {"arch": b.arch, "patch_size": b.patch_size, "depth": b.depth}
-    if b.stem != "patch":  # the digests of patch-stem checkpoints stay what they were
-        arch["stem"] = b.stem
-    return H.params_digest(arch, croc, [H.file_digest(e.file) for e in entries])
-
-
-def reuse_checkpoint(path: str, digest: str, out: Path) -> bool:
-    """Use a finished run of this stage as is when it was made with the same params and data (True);
-    otherwise say so in one line and return False, so that the stage trains (e.g. on a user's own images)."""
-    meta = read_checkpoint(path, "croc.reuse").get("meta", {})
-    if meta.get("digest") != digest:
-        log(
-            "pretrain_croc",
-            f"warning: croc.reuse: {path} was trained with other params or data (digest {meta.get('digest')}, "
-            f"now {digest}): training from scratch instead (croc.reuse: null says so without this line)",
-        )
-        return False
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(path, out)
-    return True
 
 
 def write_empty_outs(args, why: str) -> None:
@@ -105,7 +52,7 @@ def main(args, params) -> None:
     if not entries:
         raise UserError(f"no images in split {params.data.train_split!r} to pretrain on")
     digest = training_digest(b, c, entries)
-    if c.reuse and reuse_checkpoint(c.reuse, digest, args.out):
+    if c.reuse and reuse_checkpoint(c.reuse, digest, args.out, lambda m: log("pretrain_croc", m)):
         write_empty_outs(args, f"croc.reuse: {c.reuse}")
         log("pretrain_croc", f"croc.reuse: {c.reuse} was trained with these exact params and data; used as is")
         return
@@ -121,10 +68,8 @@ def main(args, params) -> None:
     if info.is_main:
         save_dino_checkpoint(models.teacher, args.out, meta={**meta, "steps": c.steps, "digest": digest})
         args.log.parent.mkdir(parents=True, exist_ok=True)
-        if (args.ckpt / "loss.csv").exists():
-            shutil.copy(args.ckpt / "loss.csv", args.log)
-        else:
-            args.log.write_text("step,loss\n")
+        loss = args.ckpt / "loss.csv"
+        args.log.write_text(loss.read_text() if loss.exists() else "step,loss\n")
         log("pretrain_croc", f"{ran} of {c.steps} CrOC steps run now -> {args.out}")
 
 

@@ -15,40 +15,10 @@ import torch
 
 from unseg import clustering, coco, store
 from unseg.cli import log, parser, run_stage
-from unseg.data.index import DatasetIndex, read_image
-from unseg.data.transforms import geometry
+from unseg.data.index import DatasetIndex
 from unseg.errors import UserError
-from unseg.models.vit import create_vit, load_vit_weights
-from unseg.progress import progress
+from unseg.pseudo_labels import cluster_model, mined_items
 from unseg.train.harness import resolve_device
-
-
-def cluster_model(params, backbone_path):
-    """The ViT whose CLS tokens are clustered: the mining ViT, or ``cluster.weights`` (paper: ViT-S/8)."""
-    c, b = params.cluster, params.backbone
-    if c.weights is None:
-        model = create_vit(b.arch, b.patch_size, b.depth, stem=b.stem)
-        load_vit_weights(model, backbone_path, "teacher")
-    else:
-        model = create_vit(c.arch or b.arch, c.patch_size or b.patch_size, c.depth or b.depth)
-        load_vit_weights(model, c.weights, b.checkpoint_key)
-    return model
-
-
-def mined_items(index: DatasetIndex, masks: store.RaggedStore, attrs: dict):
-    """(image id, image, token mask, mining geometry) for every mask of ``masks.zarr``, in store order
-    (an image's masks in their mining order)."""
-    by_id = index.by_id
-    grids = masks.read("grid")
-    token_labels = masks.read("token_label")
-    patch = int(attrs["backbone"]["patch_size"])
-    for i, image_id in enumerate(progress(masks.read("image_id"), desc="mask features")):
-        e = by_id[int(image_id)]
-        geom = geometry(e.height, e.width, attrs["short_side"], patch, attrs["fit"])
-        labels = token_labels[masks.offsets[i] : masks.offsets[i + 1]].reshape(grids[i])
-        image = read_image(e)
-        for m in range(1, int(labels.max(initial=0)) + 1):
-            yield e.id, image, labels == m, geom
 
 
 def main(args, params) -> None:
@@ -57,7 +27,7 @@ def main(args, params) -> None:
     index = DatasetIndex.load(args.index)
     masks = store.RaggedStore(args.masks)
     attrs = store.RaggedStore(args.features).attrs
-    model = cluster_model(params, args.backbone).eval().to(device)
+    model = cluster_model(params.cluster, params.backbone, args.backbone).eval().to(device)
     feats, anns = clustering.mask_features(
         model, mined_items(index, masks, attrs), c.input, device, c.batch_size, params.mining.upsample
     )
@@ -80,13 +50,8 @@ def main(args, params) -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     coco.write_json(out, args.out / "instances.json")
-    np.savez(
-        args.out / "kmeans.npz",
-        centers=km.centers,
-        std=std,
-        labels=km.labels,
-        image_ids=np.array([a["image_id"] for a in anns]),
-    )
+    ids = np.array([a["image_id"] for a in anns])
+    np.savez(args.out / "kmeans.npz", centers=km.centers, std=std, labels=km.labels, image_ids=ids)
     counts = np.bincount(km.labels, minlength=k)
     log("pseudo_label", f"{len(anns)} masks in {k} clusters (sizes {counts.tolist()}) -> {args.out}")
 

@@ -126,6 +126,29 @@ def test_repro_writes_every_artifact(micro_repo):
 
 
 @pytest.mark.slow
+def test_evaluate_writes_table1_bars_and_contact_sheets_as_dvc_plots(micro_repo, tmp_path):
+    import csv
+
+    from PIL import Image
+
+    plots = micro_repo / "artifacts/plots/evaluate"
+    table1 = json.loads((micro_repo / "artifacts/metrics/table1.json").read_text())
+    bars = {r["row"]: float(r["miou"]) for r in csv.DictReader((plots / "table1.csv").open())}
+    for name, row in table1.items():
+        assert bars[name] == pytest.approx(100 * row["miou"], abs=0.005)  # one bar per Table-1 row, in %
+    assert sum(name.startswith("baseline: ") for name in bars) == 3
+    for sheet in ("worst.png", "best.png"):  # 4 val images of 8 panels each, then the legend row
+        assert Image.open(plots / sheet).size == (8 * 192, 5 * 208)
+    out = run([sys.executable, "-m", "dvc", "plots", "show", "-o", str(tmp_path / "html")], micro_repo)
+    html = (tmp_path / "html" / "index.html").read_text()
+    assert "index.html" in out and "Table 1 and baselines" in html and "maskrcnn_loss.csv" in html
+    assert {f.name for f in (tmp_path / "html" / "static").iterdir()} >= {
+        "workspace_artifacts_plots_evaluate_worst.png",
+        "workspace_artifacts_plots_evaluate_best.png",
+    }
+
+
+@pytest.mark.slow
 def test_second_repro_does_nothing_and_a_mining_param_reruns_only_its_subgraph(micro_repo):
     # the root pipeline only: the ceiling pipeline (ceiling/dvc.yaml) is not part of a plain `dvc repro`
     assert stale(micro_repo) == {}
@@ -226,7 +249,9 @@ def test_inspect_lists_artifacts_describes_them_and_draws_one_image(micro_repo, 
     cmd = [sys.executable, "-m", "unseg", "inspect", "--root", str(micro_repo)]
     table = run(cmd, micro_repo)
     masks_row = next(line for line in table.splitlines() if line.startswith("artifacts/masks.zarr"))
-    assert "mine_masks" in masks_row and masks_row.split()[-1] == "24" and " ok " in masks_row
+    *_, images, digest = masks_row.split()
+    assert "mine_masks" in masks_row and images == "24" and " ok " in masks_row
+    assert len(digest) == 8 and int(digest, 16) >= 0  # the params digest of the run that wrote it
     described = run([*cmd, "artifacts/masks.zarr", "artifacts/maskrcnn/predictions.json"], micro_repo)
     assert "24 images" in described and "token_mask" in described and "COCO results" in described
     image_id = json.loads((micro_repo / "data/prepared/index.json").read_text())["images"][-1]["id"]

@@ -20,9 +20,13 @@ from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
+from unseg.data.index import read_image
 from unseg.errors import UserError
+from unseg.matching import ConfusionAccumulator, evaluate_clusters
+from unseg.models.checkpoint import read_checkpoint, save_checkpoint
 from unseg.models.resnet import create_resnet, load_resnet_weights, resnet_stage_channels
 from unseg.models.vit import IMAGENET_MEAN, IMAGENET_STD
+from unseg.progress import progress
 from unseg.train.harness import autocast, uniform, unwrap
 
 _DILATION_FOR_STRIDE = {8: (False, True, True), 16: (False, False, True), 32: (False, False, False)}
@@ -414,3 +418,31 @@ def deeplab_features(
     elif where != "backbone":
         raise ValueError(f"where must be 'backbone' or 'head', got {where!r}")
     return feats[0].float().cpu()
+
+
+def predict_entries(model: nn.Module, entries: Sequence, device, amp: bool, input_size: int | None) -> list[np.ndarray]:
+    """The uint8 argmax map of each index entry's image at its original resolution."""
+    out = []
+    for e in progress(entries, desc="predict"):
+        image = torch.from_numpy(read_image(e)).permute(2, 0, 1)
+        out.append(predict_semantic(model, image, device, amp=amp, input_size=input_size).numpy().astype(np.uint8))
+    return out
+
+
+class BestEpochOnVal:
+    """Reproduction only (it uses labels, like the released code): after each epoch, the validation mIoU
+    (Hungarian) of ``model``; the best epoch's weights are kept in ``best_file``. Call it as ``on_epoch_end``."""
+
+    def __init__(self, model: nn.Module, index, val: Sequence, n_pred: int, best_file, device, amp, input_size, main):
+        self.model, self.index, self.val, self.n_pred = model, index, list(val), n_pred
+        self.best_file, self.device, self.amp, self.input_size, self.main = best_file, device, amp, input_size, main
+
+    def __call__(self, epoch: int) -> None:
+        acc = ConfusionAccumulator(self.n_pred, len(self.index.classes), self.index.ignore_index)
+        preds = predict_entries(self.model, self.val, self.device, self.amp, self.input_size)
+        for pred, e in zip(preds, self.val, strict=True):
+            acc.update(pred, self.index.read_semantic(e))
+        score = evaluate_clusters(acc.matrix)["hungarian"]["miou"]
+        best = read_checkpoint(self.best_file, "best epoch") if self.best_file.exists() else {"miou": -1.0}
+        if score > best["miou"] and self.main:
+            save_checkpoint({"miou": score, "epoch": epoch, "state": self.model.state_dict()}, self.best_file)

@@ -11,12 +11,13 @@ Features are the last layer's normalised patch tokens at the same geometry as ma
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import numpy as np
 import torch
 
+from unseg.coco import group_by_image
 from unseg.data.index import ImageEntry
 from unseg.data.transforms import (
     Geometry,
@@ -29,12 +30,13 @@ from unseg.data.transforms import (
 )
 from unseg.evaluation.dense import dense_kmeans_labels
 from unseg.evaluation.metrics import ForegroundIoU
-from unseg.evaluation.probe import predict_probe, train_linear_probe
-from unseg.evaluation.report import score_label_maps
+from unseg.evaluation.probe import images_within_budget, predict_probe, train_linear_probe
+from unseg.evaluation.report import rasterise_annotations, score_label_maps
 from unseg.evaluation.video import evaluate_sequence, propagate_labels, read_annotation, read_frame, summarize_davis
 from unseg.features import forward_images, geometries
 from unseg.mining import MiningConfig
-from unseg.pipeline import MinedImage, mine_images
+from unseg.params import Params, config_from
+from unseg.pipeline import MinedImage, cluster_mined, mine_images
 
 
 @torch.no_grad()
@@ -174,3 +176,56 @@ def mask_polarity(
     other = np.where(bottom, per_image["top"], per_image["bottom"])
     out["polarity_accuracy"] = float(np.mean(own >= other)) if len(own) else None
     return out, chosen
+
+
+# ---------------------------------------------------------------- the evaluate_backbone stage's suite
+
+
+def backbone_suite(
+    model, params: Params, index, splits, videos, device, log: Callable[[str], None]
+) -> tuple[dict, list]:
+    """Dense K-means, linear probe, DAVIS J&F and mined-mask polarity of ``model``; and its mined val masks.
+
+    ``splits`` = (train, train_gts, val, val_gts)."""
+    train, train_gts, val, val_gts = splits
+    ev, f, m = params.evaluate, params.features, params.mining
+    n, ignore = len(index.classes), index.ignore_index
+    val_feats, val_geoms = dense_features(model, val, f.short_side, f.fit, device, f.batch_size)
+    out = {"dense_kmeans_miou": dense_kmeans_miou(val_feats, val_geoms, val_gts, n, ignore, ev.seed)["miou"]}
+    tokens = [g.grid[0] * g.grid[1] for g in geometries(train, f.short_side, params.backbone.patch_size, f.fit)]
+    keep = images_within_budget(tokens, 4 * model.embed_dim, ev.probe_memory_mb * 2**20, ev.seed)
+    if len(keep) < len(train):
+        log(f"linear probe: tokens of {len(keep)} of {len(train)} training images fit")
+    train, train_gts = [train[i] for i in keep], [train_gts[i] for i in keep]
+    train_feats, train_geoms = dense_features(model, train, f.short_side, f.fit, device, f.batch_size)
+    probe = linear_probe_miou(
+        train_feats, train_geoms, train_gts, val_feats, val_geoms, val_gts, n, ignore,
+        ev.probe_epochs, ev.probe_lr, ev.seed, device,
+    )  # fmt: skip
+    out["linear_probe_miou"] = probe["miou"]
+    if videos:
+        out["davis_jf"] = video_jf(
+            model, videos, f.short_side, device,
+            ev.video_topk, ev.video_last_frames, ev.video_neighborhood, ev.video_temperature,
+        )["JF"]  # fmt: skip
+    cfg = config_from(MiningConfig, m)
+    if index.classes[0].lower() == "background":
+        polarity, mined = mask_polarity(model, val, val_gts, f.short_side, f.fit, cfg, device, f.batch_size, m.upsample)
+        out.update(polarity)
+    else:
+        mined = mine_images(model, val, f.short_side, f.fit, cfg, device, f.batch_size)
+    return out, mined
+
+
+def front_half_row(model, mined: list, params: Params, index, val, val_gts, device) -> dict:
+    """Table 1's first row for ``model``'s mined masks (K-means on its CLS features), scored on val."""
+    c, m, f = params.cluster, params.mining, params.features
+    k = c.classes * c.overcluster
+    anns = cluster_mined(
+        model, mined, c.input, k, c.seed, device, c.whiten, c.algorithm, m.upsample, f.batch_size, c.kmeans_batch_size
+    )
+    by_image = group_by_image(anns)
+    preds = (rasterise_annotations(by_image.get(e.id, []), e.height, e.width) for e in val)
+    row = score_label_maps(zip(preds, val_gts, strict=True), k + 1, len(index.classes), index.ignore_index)
+    row.pop("per_class_iou")
+    return row

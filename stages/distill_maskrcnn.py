@@ -16,17 +16,14 @@ import torch
 from unseg import coco
 from unseg.cli import log, parser, run_stage
 from unseg.data.index import DatasetIndex
-from unseg.distill.maskrcnn import CocoInstanceDataset, build_maskrcnn, load_image, predict_instances
-from unseg.distill.params import detectron2_params
+from unseg.distill.maskrcnn import CocoInstanceDataset, load_image, predict_instances
+from unseg.distill.params import detectron2_params, split_instances, torchvision_maskrcnn, training_digest
 from unseg.distill.trainer import MaskRCNNTraining, train_maskrcnn
 from unseg.errors import UserError
 from unseg.models.checkpoint import save_checkpoint
 from unseg.params import config_from
 from unseg.progress import progress
 from unseg.train import harness as H
-
-# params that change predictions only, not training: changing them must not restart training
-PREDICT_ONLY = {"test_size", "detections_per_image", "score_threshold", "device", "workers", "ckpt_every"}
 
 
 def main(args, params) -> None:
@@ -35,21 +32,13 @@ def main(args, params) -> None:
     pseudo = coco.read_json(args.pseudo_labels / "instances.json")
     k = len(pseudo["categories"])
     train_ids = {e.id for e in index.split(params.data.train_split)}
-    train_json = {
-        "images": [im for im in pseudo["images"] if im["id"] in train_ids],
-        "annotations": [a for a in pseudo["annotations"] if a["image_id"] in train_ids],
-        "categories": pseudo["categories"],
-    }
+    train_json = split_instances(pseudo, train_ids)
     if not train_json["annotations"]:
         raise UserError(f"no pseudo-labels in the training split {params.data.train_split!r}")
     paths = {e.id: e.file for e in index.images}
     device = H.resolve_device(d.device)
     args.out.mkdir(parents=True, exist_ok=True)
-    digest = H.params_digest(
-        {k: v for k, v in vars(d).items() if k not in PREDICT_ONLY},
-        H.file_digest(args.pseudo_labels / "instances.json"),
-        sorted(train_ids),
-    )
+    digest = training_digest(d, args.pseudo_labels / "instances.json", train_ids)
     if d.backend == "detectron2":
         from unseg.distill.detectron2_backend import run_detectron2
 
@@ -60,22 +49,7 @@ def main(args, params) -> None:
         return
     info = H.setup_distributed(device)
     torch.manual_seed(d.seed)
-    model = build_maskrcnn(
-        k,
-        d.backbone,
-        d.trainable_layers,
-        d.test_size,
-        d.max_size,
-        d.backbone_weights,
-        d.fpn,
-        d.anchor_sizes,
-        representation_size=d.representation_size,
-        mask_head_channels=d.mask_head_channels,
-        fpn_channels=d.fpn_channels,
-        box_batch_size_per_image=d.box_batch_size_per_image,
-        rpn_batch_size_per_image=d.rpn_batch_size_per_image,
-        box_detections_per_img=d.detections_per_image,
-    )
+    model = torchvision_maskrcnn(d, k)
     dataset = CocoInstanceDataset(
         train_json, paths, [d.train_min_size, d.train_max_size], d.max_size, d.size_sampling, d.flip_p
     )

@@ -1,10 +1,43 @@
-"""Our ``distill`` params in the vocabulary of the detectron2 backend (no detectron2 import needed)."""
+"""The ``distill`` params section as the two backends take it: the torchvision Mask R-CNN built by field
+name, the detectron2 config vocabulary (no detectron2 import needed), and the digest of what training
+computes (the resumable checkpoints are guarded by it)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+from unseg.distill.maskrcnn import build_maskrcnn
+from unseg.train import harness as H
+
+# params that change predictions only, not training: changing them must not restart training
+PREDICT_ONLY = {"test_size", "detections_per_image", "score_threshold", "device", "workers", "ckpt_every"}
+
+
+def training_digest(d, pseudo_labels: Path, train_ids: set[int]) -> str:
+    """Digest of the training params, the pseudo-label file's bytes and the training image ids."""
+    trained = {k: v for k, v in vars(d).items() if k not in PREDICT_ONLY}
+    return H.params_digest(trained, H.file_digest(pseudo_labels), sorted(train_ids))
+
+
+def split_instances(pseudo: dict, image_ids: set[int]) -> dict:
+    """The COCO instances restricted to ``image_ids`` (categories kept)."""
+    return {
+        "images": [im for im in pseudo["images"] if im["id"] in image_ids],
+        "annotations": [a for a in pseudo["annotations"] if a["image_id"] in image_ids],
+        "categories": pseudo["categories"],
+    }
+
+
+def torchvision_maskrcnn(d, k: int) -> torch.nn.Module:
+    """The torchvision Mask R-CNN of the ``distill`` section ``d`` for ``k`` pseudo-label categories."""
+    return build_maskrcnn(
+        k, d.backbone, d.trainable_layers, d.test_size, d.max_size, d.backbone_weights, d.fpn, d.anchor_sizes,
+        representation_size=d.representation_size, mask_head_channels=d.mask_head_channels,
+        fpn_channels=d.fpn_channels, box_batch_size_per_image=d.box_batch_size_per_image,
+        rpn_batch_size_per_image=d.rpn_batch_size_per_image, box_detections_per_img=d.detections_per_image,
+    )  # fmt: skip
 
 
 def detectron2_params(d, k: int, out: Path, device: torch.device) -> dict:

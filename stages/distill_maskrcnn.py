@@ -20,6 +20,7 @@ from unseg.distill.maskrcnn import CocoInstanceDataset, load_image, predict_inst
 from unseg.distill.params import detectron2_params, split_instances, torchvision_maskrcnn, training_digest
 from unseg.distill.trainer import MaskRCNNTraining, train_maskrcnn
 from unseg.errors import UserError
+from unseg.launch import relaunch_under_torchrun
 from unseg.models.checkpoint import save_checkpoint
 from unseg.params import config_from
 from unseg.progress import progress
@@ -72,6 +73,7 @@ def main(args, params) -> None:
 
 
 if __name__ == "__main__":
+    relaunch_under_torchrun("stages.distill_maskrcnn")
     ap = parser(__doc__, "index", "pseudo_labels", "out")
     ap.add_argument("--ckpt", type=Path, default=Path("artifacts/scratch/maskrcnn"))
     ap.add_argument("--log", type=Path, default=Path("artifacts/plots/maskrcnn_loss.csv"))

@@ -23,6 +23,7 @@ import torch
 from unseg.cli import log, parser, run_stage
 from unseg.data.index import DatasetIndex
 from unseg.errors import UserError
+from unseg.launch import relaunch_under_torchrun
 from unseg.models.vit import create_vit, load_vit_weights, save_dino_checkpoint
 from unseg.pretrain.reuse import reuse_checkpoint, split_croc_params, training_digest
 from unseg.pretrain.trainer import build_models, train_croc
@@ -74,6 +75,7 @@ def main(args, params) -> None:
 
 
 if __name__ == "__main__":
+    relaunch_under_torchrun("stages.pretrain_croc")
     ap = parser(__doc__, "index", "out")
     ap.add_argument("--ckpt", type=Path, default="artifacts/scratch/croc")
     ap.add_argument("--log", type=Path, default="artifacts/plots/croc_loss.csv")

@@ -28,6 +28,7 @@ from unseg.deeplab import (
     train_deeplab,
 )
 from unseg.errors import UserError
+from unseg.launch import relaunch_under_torchrun
 from unseg.models.checkpoint import read_checkpoint, save_checkpoint
 from unseg.params import config_from
 from unseg.train import harness as H
@@ -81,6 +82,7 @@ def main(args, params) -> None:
 
 
 if __name__ == "__main__":
+    relaunch_under_torchrun("stages.train_deeplab")
     ap = parser(__doc__, "index", "pseudo_labels", "semantic", "out")
     ap.add_argument("--ckpt", type=Path, default=Path("artifacts/scratch/deeplab"))
     ap.add_argument("--log", type=Path, default=Path("artifacts/plots/deeplab_loss.csv"))

@@ -25,13 +25,17 @@ def plan_order(geoms: Sequence[Geometry]) -> np.ndarray:
     return np.array([i for _, i in sorted(keys)], dtype=np.int64)
 
 
-def plan_batches(geoms: Sequence[Geometry], order: np.ndarray, batch_size: int, start: int = 0) -> list[list[int]]:
-    """Consecutive runs of ``order[start:]`` with one grid, cut to at most ``batch_size`` (positions in ``order``).
+def plan_batches(
+    geoms: Sequence[Geometry], order: np.ndarray, batch_size: int, start: int = 0, stop: int | None = None
+) -> list[list[int]]:
+    """Consecutive runs of ``order[start:stop]`` with one grid, cut to at most ``batch_size`` (positions in
+    ``order``).
 
-    ``start`` is where a resumed run picks up: any position, so a changed batch size resumes too.
+    ``start`` is where a resumed run picks up: any position, so a changed batch size resumes too; ``stop``
+    ends a rank's share under ``torchrun``.
     """
     batches: list[list[int]] = []
-    for pos, i in enumerate(order[start:], start):
+    for pos, i in enumerate(order[start:stop], start):
         if batches and len(batches[-1]) < batch_size and geoms[order[batches[-1][0]]].grid == geoms[i].grid:
             batches[-1].append(pos)
         else:
@@ -111,13 +115,43 @@ def forward_images(
     device: torch.device,
     workers: int = 0,
     start: int = 0,
+    stop: int | None = None,
 ) -> Iterator[ForwardBatch]:
     """The ViT on every image, batched by token grid, in float32 (bf16 would change the signs that mining
     tests, so mined masks would depend on the device). Images are decoded in ``workers`` processes.
-    ``start``: the first position of the grid-sorted order to run (a resumed store's ``done``)."""
+    ``start``, ``stop``: the positions of the grid-sorted order to run (from a resumed store's ``done``; to
+    the end of a rank's share)."""
     order = plan_order(geoms)
-    batches = plan_batches(geoms, order, batch_size, start)
+    batches = plan_batches(geoms, order, batch_size, start, stop)
     for k, images in iterate_batches(entries, geoms, order, batches, 0, workers):
         positions = batches[k]
         out = forward_with_qk(model, images.to(device, non_blocking=True))
         yield ForwardBatch(k, positions, [int(order[p]) for p in positions], out)
+
+
+def grids_in_order(geoms: Sequence[Geometry]) -> np.ndarray:
+    """(N, 2) token grids in the grid-sorted order of :func:`plan_order` (the row order of features.zarr)."""
+    return np.array([geoms[i].grid for i in plan_order(geoms)], np.int64)
+
+
+def write_features(
+    writer, model, entries: Sequence[ImageEntry], geoms: Sequence[Geometry], batch_size: int, device,
+    workers: int, lo: int, hi: int, on_images: Callable[[int], object] = lambda n: None,
+) -> None:  # fmt: skip
+    """Positions ``lo + writer.done .. hi-1`` of the grid-sorted order through the ViT into ``writer``, a
+    :func:`unseg.store.feature_writer` over exactly those ``hi - lo`` images (row 0 = position ``lo``)."""
+    grids = grids_in_order(geoms)
+    for batch in forward_images(model, entries, geoms, batch_size, device, workers, lo + writer.done, hi):
+        feats = batch_features(batch.out)
+        writer.write(
+            batch.positions[0] - lo,
+            {
+                "keys": feats.keys,
+                "cls_logits": feats.cls_logits,
+                "cls_token": feats.cls_token,
+                "grid": grids[batch.positions],
+                "input_size": np.array([geoms[i].resized for i in batch.indices], np.int32),
+                "image_id": np.array([entries[i].id for i in batch.indices], np.int64),
+            },
+        )
+        on_images(len(batch.positions))

@@ -144,6 +144,55 @@ class RaggedWriter:
         return self.path
 
 
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous share [lo, hi) of ``n`` images that process ``rank`` of ``world`` writes (the first
+    ``n % world`` ranks take one more)."""
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
+
+
+def is_finished(path: str | Path, digest: str, n_images: int) -> bool:
+    """Whether ``path`` is a finalized store of ``n_images`` written with ``digest``."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        return False
+    s = RaggedStore(path)
+    return s.attrs.get("digest") == digest and len(s) == n_images
+
+
+def shard_path(path: str | Path, rank: int, world: int) -> Path:
+    """Where rank ``rank`` of ``world`` builds its share of the store at ``path`` (a sibling folder)."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.shard-{rank}-of-{world}")
+
+
+def merge_shards(
+    path: str | Path, lengths: np.ndarray, specs: Mapping[str, Spec], attrs: dict, digest: str, world: int,
+    block: int = 64,
+) -> Path:  # fmt: skip
+    """The store at ``path`` from the ``world`` finished shard stores of :func:`shard_path`, in rank order
+    (each holds a contiguous range of images, :func:`shard_bounds`), copied ``block`` images at a time;
+    the shards are removed afterwards. Ranks write separate stores because Zarr chunks hold rows of
+    neighbouring images: two processes writing one chunk would overwrite each other's rows."""
+    w = RaggedWriter(path, lengths, specs, attrs, digest)
+    for rank in range(world):
+        lo, hi = shard_bounds(len(lengths), rank, world)
+        shard = RaggedStore(shard_path(path, rank, world))
+        if len(shard) != hi - lo:
+            raise ValueError(f"{shard.path}: {len(shard)} images, expected {hi - lo}")
+        for start in range(max(w.done - lo, 0), hi - lo, block):
+            stop = min(start + block, hi - lo)
+            w.write(lo + start, {
+                name: shard.span(name, start, stop) if spec.ragged else shard[name][start:stop]
+                for name, spec in specs.items()
+            })  # fmt: skip
+    out = w.finalize()
+    for rank in range(world):
+        shutil.rmtree(shard_path(path, rank, world))
+    return out
+
+
 def write_ragged(
     path: str | Path,
     offsets_or_lengths: np.ndarray,
@@ -208,10 +257,13 @@ FEATURE_SPECS = {
 }
 
 
+def feature_specs(dim: int, heads: int) -> dict[str, Spec]:
+    return {name: make(dim, heads) for name, make in FEATURE_SPECS.items()}
+
+
 def feature_writer(path: str | Path, grids: np.ndarray, dim: int, heads: int, attrs: dict, digest: str) -> RaggedWriter:
     """Writer for ``features.zarr``; ``grids`` (N, 2) gives each image's token grid (h, w)."""
-    specs = {name: make(dim, heads) for name, make in FEATURE_SPECS.items()}
-    return RaggedWriter(path, grids[:, 0] * grids[:, 1], specs, attrs, digest)
+    return RaggedWriter(path, grids[:, 0] * grids[:, 1], feature_specs(dim, heads), attrs, digest)
 
 
 def write_masks(

@@ -99,6 +99,12 @@ def setup_distributed(device: torch.device) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def barrier() -> None:
+    """Wait for every process of the group (no-op without one)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """Mean of ``t`` over processes (identity without a process group)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

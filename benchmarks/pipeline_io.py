@@ -1,0 +1,126 @@
+"""Extraction against the bare model, and the ragged Zarr stores against raw ``np.save`` (issue 12).
+
+- extraction: images/s of what ``extract_features`` does (decode, resize, forward with the q/k hooks,
+  Zarr writes) over images/s of a bare ``model.forward_features(x)`` loop on the same batches pre-loaded
+  as tensors; same model, batch and resolution, at the tiny and the paper geometry.
+- zarr_io: write and random-read throughput of a features store vs ``np.save`` / ``np.load(mmap)`` of the
+  same bytes, and the file count of each (DVC hashes every file).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unseg import features as F
+from unseg import store
+from unseg.data.index import index_coco, prepare_generated
+from unseg.models.vit import create_vit
+
+COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini"
+
+
+def tiny_images(root: Path, n: int) -> list:
+    """``n`` images of the embedded dataset (the tiny profile's generator settings)."""
+    return prepare_generated(root, n, 1, 4, 3, 96, 128, 0, palette="category").images[:n]
+
+
+def photos(root: Path, n: int) -> list:
+    """``n`` COCO-MINI val photos (333-640 px) when ../shared/data is there, else generated images."""
+    if COCO_MINI.is_dir():
+        return index_coco(COCO_MINI, ["val"], root, limit=n).images[:n]
+    return tiny_images(root, n)
+
+
+@torch.no_grad()
+def extraction_ratio(entries, arch: str, patch: int, depth, short_side: int, batch: int) -> dict:
+    model = create_vit(arch, patch, depth).eval()
+    geoms = F.geometries(entries, short_side, patch, "pad")
+    order = F.plan_order(geoms)
+    grids = np.array([geoms[i].grid for i in order], np.int64)
+    heads = model.blocks[-1].attn.num_heads
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        start = time.perf_counter()
+        writer = store.feature_writer(tmp / "f.zarr", grids, model.embed_dim, heads, {}, "bench")
+        for b in F.forward_images(model, entries, geoms, batch, torch.device("cpu")):
+            feats = F.batch_features(b.out)
+            writer.write(
+                b.positions[0],
+                {"keys": feats.keys, "cls_logits": feats.cls_logits, "cls_token": feats.cls_token,
+                 "grid": grids[b.positions], "input_size": np.array([geoms[i].resized for i in b.indices], np.int32),
+                 "image_id": np.array([entries[i].id for i in b.indices], np.int64)},
+            )  # fmt: skip
+        writer.finalize()
+        pipeline = time.perf_counter() - start
+        batches = F.plan_batches(geoms, order, batch)
+        tensors = [x for _, x in F.iterate_batches(entries, geoms, order, batches)]
+        start = time.perf_counter()
+        for x in tensors:
+            model.forward_features(x)
+        bare = time.perf_counter() - start
+    finally:
+        shutil.rmtree(tmp)
+    return {
+        "images": len(entries),
+        "pipeline_images_per_s": len(entries) / pipeline,
+        "bare_model_images_per_s": len(entries) / bare,
+        "ratio": bare / pipeline,
+        "target": 0.9,
+        "meets_target": bool(bare / pipeline >= 0.9),
+    }
+
+
+def zarr_io(n_images: int = 2000, tokens: int = 165, dim: int = 192, reads: int = 200) -> dict:
+    """A features-like ragged store (float16 keys) vs np.save of the same array."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(tokens - 20, tokens + 20, n_images)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    keys = rng.normal(size=(int(offsets[-1]), dim)).astype(np.float16)
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        start = time.perf_counter()
+        w = store.RaggedWriter(tmp / "s.zarr", lengths, {"keys": store.Spec((dim,), "float16", True),
+                               "image_id": store.Spec((), "int64", False)}, {}, "bench")  # fmt: skip
+        step = 64
+        for i in range(0, n_images, step):
+            j = min(i + step, n_images)
+            w.write(i, {"keys": keys[offsets[i] : offsets[j]], "image_id": np.arange(i, j)})
+        w.finalize()
+        zarr_write = time.perf_counter() - start
+        start = time.perf_counter()
+        np.save(tmp / "keys.npy", keys)
+        npy_write = time.perf_counter() - start
+        picks = rng.integers(0, n_images, reads)
+        s = store.RaggedStore(tmp / "s.zarr")
+        start = time.perf_counter()
+        for i in picks:
+            s.rows("keys", int(i))
+        zarr_read = time.perf_counter() - start
+        mm = np.load(tmp / "keys.npy", mmap_mode="r")
+        start = time.perf_counter()
+        for i in picks:
+            np.array(mm[offsets[i] : offsets[i + 1]])
+        npy_read = time.perf_counter() - start
+        files = sum(1 for f in (tmp / "s.zarr").rglob("*") if f.is_file())
+    finally:
+        shutil.rmtree(tmp)
+    mb = keys.nbytes / 2**20
+    return {
+        "images": n_images,
+        "megabytes": mb,
+        "zarr_write_mb_per_s": mb / zarr_write,
+        "npy_write_mb_per_s": mb / npy_write,
+        "zarr_random_reads_per_s": reads / zarr_read,
+        "npy_mmap_random_reads_per_s": reads / npy_read,
+        "zarr_files": files,
+        "npy_files": 1,
+        "ratio": (mb / zarr_write) / (mb / npy_write),
+        "target": 0.5,
+        "meets_target": bool(npy_write / zarr_write >= 0.5),
+    }

@@ -176,3 +176,43 @@ def test_the_hsg_objective_backpropagates_to_every_part_and_decreases():
     assert losses[-1] < losses[0]
     stage1 = hsg_losses(*net(x), regions, HSGConfig(kmeans_grid=(1, 1), kmeans_iters=1, hierarchy=False))
     assert stage1["levels"] == 0 and stage1["grouping"] == 0 and stage1["loss"] == stage1["region"]
+
+
+@pytest.mark.slow
+def test_pretrain_hsg_stage_trains_resumes_and_its_resnet_loads_into_deeplab(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from stages.prepare import generate
+    from unseg.deeplab import build_deeplab
+    from unseg.models.resnet import create_resnet, load_resnet_weights
+    from unseg.params import parse_params
+
+    root = Path(__file__).resolve().parents[1]
+    raw = {
+        "data": {"n_train": 6, "n_val": 2, "min_side": 64, "max_side": 80},
+        "hsg": {"steps": 4, "stage1_steps": 2, "batch_size": 2, "crop_size": 64, "dim": 16, "fine_groups": 3,
+                "coarse_groups": 2, "kmeans_grid": [2, 2], "kmeans_iters": 2, "warmup_steps": 1, "ckpt_every": 2},
+    }  # fmt: skip
+    params = parse_params(raw)
+    generate(params.data, tmp_path / "prepared").save(tmp_path / "prepared/index.json")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "stages.pretrain_hsg", "prepared/index.json", "hsg.pth", "--ckpt", "scratch",
+           "--log", "loss.csv"]  # fmt: skip
+    first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = (tmp_path / "loss.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss") and len(rows) == 5  # header + 4 steps
+    assert len(list((tmp_path / "scratch").glob("superpixels_*/*.npy"))) == 6  # one cached region map per image
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "0 of 4 HSG steps run now" in again.stderr
+    ckpt = torch.load(tmp_path / "hsg.pth", weights_only=True)
+    assert ckpt["meta"]["steps"] == 4 and {"embedding_head", "transformers"} <= set(ckpt)
+    report = load_resnet_weights(create_resnet("resnet18"), tmp_path / "hsg.pth")  # strict: every trunk tensor
+    assert len(report.loaded) > 100
+    build_deeplab(3, "resnet18", 16, [12, 24, 36], 0, str(tmp_path / "hsg.pth"))  # the backbone_weights path

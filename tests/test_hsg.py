@@ -216,3 +216,18 @@ def test_pretrain_hsg_stage_trains_resumes_and_its_resnet_loads_into_deeplab(tmp
     report = load_resnet_weights(create_resnet("resnet18"), tmp_path / "hsg.pth")  # strict: every trunk tensor
     assert len(report.loaded) > 100
     build_deeplab(3, "resnet18", 16, [12, 24, 36], 0, str(tmp_path / "hsg.pth"))  # the backbone_weights path
+    evaluate = [sys.executable, "-m", "stages.evaluate_hsg", "prepared/index.json", "hsg.pth", "hsg.json", "h.png"]
+    done = subprocess.run(evaluate, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    from PIL import Image
+
+    scores = json.loads((tmp_path / "hsg.json").read_text())
+    for net in ("hsg", "random_init"):
+        assert set(scores[net]) == {"pixels", "segments", "fine", "coarse", "semi_supervised_knn_miou"}
+        for level in ("pixels", "segments", "fine", "coarse"):
+            assert 0 <= scores[net][level]["miou"] <= 1 and 0 < scores[net][level]["nf_covering"] <= 1
+    # a unit per pixel covers every region at least as well as its groups do
+    assert scores["hsg"]["pixels"]["nf_covering"] >= scores["hsg"]["coarse"]["nf_covering"]
+    assert Image.open(tmp_path / "h.png").size == (5 * 192, 2 * 208)  # 2 val images x 5 panels

@@ -159,3 +159,15 @@ def export_state(models: HSGModels, meta: dict) -> dict:
     head = {k: v for k, v in models.net.state_dict().items() if not k.startswith("resnet.")}
     transformers = {"fine": models.fine.state_dict(), "coarse": models.coarse.state_dict()}
     return {"state_dict": trunk, "embedding_head": head, "transformers": transformers, "meta": meta}
+
+
+def load_exported(models: HSGModels, state: dict) -> HSGModels:
+    """The weights of :func:`export_state` back into ``models`` (strictly: every tensor must match)."""
+    missing = models.net.load_state_dict(
+        {**{f"resnet.{k}": v for k, v in state["state_dict"].items()}, **state["embedding_head"]}, strict=False
+    ).missing_keys
+    if [k for k in missing if not k.startswith("resnet.fc.")]:
+        raise ValueError(f"the HSG checkpoint lacks {missing[:3]}")
+    models.fine.load_state_dict(state["transformers"]["fine"])
+    models.coarse.load_state_dict(state["transformers"]["coarse"])
+    return models

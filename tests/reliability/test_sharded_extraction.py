@@ -52,8 +52,10 @@ def test_merge_shards_equals_one_writer(tmp_path):
     assert merged.attrs["a"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["m.zarr"]  # shards removed
 
 
-@pytest.mark.slow
-def test_torchrun_two_ranks_equal_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    """A micro dataset, a random ViT and the single-process ``one.zarr`` of extract_features."""
+    tmp_path = tmp_path_factory.mktemp("sharded")
     p = parse_params(PARAMS)
     generate(p.data, tmp_path / "prepared").save(tmp_path / "prepared/index.json")
     torch.manual_seed(0)
@@ -64,6 +66,14 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
     stage = ["-m", "stages.extract_features", "prepared/index.json", "vit.pth"]
     one = subprocess.run([sys.executable, *stage, "one.zarr", "--quiet"], cwd=tmp_path, env=env, capture_output=True)
     assert one.returncode == 0, one.stderr.decode()
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one_process(extracted):
+    tmp_path = extracted
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    stage = ["-m", "stages.extract_features", "prepared/index.json", "vit.pth"]
     # the dvc.yaml command unchanged, torchrun chosen by the environment (unseg/launch.py)
     sharded = {**env, "UNSEG_TORCHRUN": "--standalone --nproc_per_node 2"}
     two = subprocess.run(
@@ -79,10 +89,10 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_pseudo_label_under_torchrun_equals_one_process(tmp_path):
+def test_pseudo_label_under_torchrun_equals_one_process(extracted):
     import json
 
-    test_torchrun_two_ranks_equal_one_process(tmp_path)  # leaves one.zarr (features) and the inputs
+    tmp_path = extracted
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
     def run(cmd, extra=None):

@@ -43,6 +43,8 @@ def main(args, params) -> None:
         return
     if h.reuse:
         log("pretrain_hsg", f"warning: hsg.reuse: {h.reuse} was trained with other params or data: training")
+    if h.crop_size % h.output_stride:
+        raise UserError(f"hsg.crop_size = {h.crop_size}: must be a multiple of hsg.output_stride ({h.output_stride})")
     training = config_from(HSGTraining, h, lr_milestones=tuple(h.lr_milestones))
     objective = config_from(HSGConfig, h, kmeans_grid=tuple(h.kmeans_grid), hierarchy=True)
     device = H.resolve_device(h.device)

@@ -231,3 +231,35 @@ def test_pretrain_hsg_stage_trains_resumes_and_its_resnet_loads_into_deeplab(tmp
     # a unit per pixel covers every region at least as well as its groups do
     assert scores["hsg"]["pixels"]["nf_covering"] >= scores["hsg"]["coarse"]["nf_covering"]
     assert Image.open(tmp_path / "h.png").size == (5 * 192, 2 * 208)  # 2 val images x 5 panels
+
+
+@pytest.mark.slow
+def test_pretrain_hsg_under_torchrun_runs_both_stages(tmp_path):
+    """Two ranks (gloo): the SegSort-only steps (positions unused) and the full objective (transformers called
+    once per image) both go through DDP; the ranks end with the same weights."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from stages.prepare import generate
+    from unseg.params import parse_params
+
+    root = Path(__file__).resolve().parents[1]
+    raw = {
+        "data": {"n_train": 6, "n_val": 2, "min_side": 64, "max_side": 80},
+        "hsg": {"steps": 4, "stage1_steps": 2, "batch_size": 2, "crop_size": 64, "dim": 16, "fine_groups": 3,
+                "coarse_groups": 2, "kmeans_grid": [2, 2], "kmeans_iters": 2, "warmup_steps": 1},
+    }  # fmt: skip
+    generate(parse_params(raw).data, tmp_path / "prepared").save(tmp_path / "prepared/index.json")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1",
+           "UNSEG_TORCHRUN": "--standalone --nproc_per_node 2"}  # fmt: skip
+    cmd = [sys.executable, "-m", "stages.pretrain_hsg", "prepared/index.json", "hsg.pth", "--ckpt", "scratch",
+           "--log", "loss.csv"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 of 4 HSG steps run now" in proc.stderr
+    assert len((tmp_path / "loss.csv").read_text().splitlines()) == 5

@@ -55,7 +55,7 @@ def image_levels(net: EmbeddingFCN, fine: ClusteringTransformer, coarse: Cluster
     seg = level0_segments(emb, regions, cfg)[0]  # (h*w,)
     pixels = emb[0].permute(1, 2, 0).reshape(-1, d)
     protos = G.prototypes(pixels, seg)
-    seg_pos = G.prototypes(pos.permute(1, 2, 0).reshape(-1, d), seg)  # direction of the mean position
+    seg_pos = G.segment_means(pos.permute(1, 2, 0).reshape(-1, d), seg)  # as in training
     f = fine(protos, seg_pos)
     onehot = F.one_hot(G.hard_groups(f.assign), f.assign.shape[0]).T.float()
     c = coarse(f.centroids, (onehot @ seg_pos) / onehot.sum(1, keepdim=True).clamp(min=1))

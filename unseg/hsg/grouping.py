@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 
-def grid_labels(height: int, width: int, grid_y: int, grid_x: int) -> torch.Tensor:
+def grid_labels(height: int, width: int, grid_y: int, grid_x: int, device=None) -> torch.Tensor:
     """(H*W,) the cell of a ``grid_y`` x ``grid_x`` grid that each pixel falls in (row-major ids)."""
-    ys = torch.arange(height) * grid_y // height
-    xs = torch.arange(width) * grid_x // width
+    ys = torch.arange(height, device=device) * grid_y // height
+    xs = torch.arange(width, device=device) * grid_x // width
     return (ys[:, None] * grid_x + xs[None, :]).reshape(-1)
 
 
@@ -32,8 +32,8 @@ def with_location(embeddings: torch.Tensor) -> torch.Tensor:
     """(H, W, D) -> (H*W, D+2): L2-normalised embeddings, (y, x) in [-0.5, 0.5] appended, re-normalised."""
     h, w, _ = embeddings.shape
     e = F.normalize(embeddings.reshape(h * w, -1), dim=1)
-    ys = (torch.arange(h, dtype=e.dtype) + 0.5) / h - 0.5
-    xs = (torch.arange(w, dtype=e.dtype) + 0.5) / w - 0.5
+    ys = (torch.arange(h, dtype=e.dtype, device=e.device) + 0.5) / h - 0.5
+    xs = (torch.arange(w, dtype=e.dtype, device=e.device) + 0.5) / w - 0.5
     loc = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(h * w, 2)
     return F.normalize(torch.cat([e, loc], 1), dim=1)
 
@@ -49,7 +49,7 @@ def spherical_kmeans(features: torch.Tensor, init: torch.Tensor, iterations: int
     labels = relabel(init)
     for _ in range(iterations):
         k = int(labels.max()) + 1
-        sums = torch.zeros(k, features.shape[1], dtype=features.dtype).index_add_(0, labels, features)
+        sums = features.new_zeros(k, features.shape[1]).index_add_(0, labels, features)
         labels = relabel((features @ F.normalize(sums, dim=1).T).argmax(1))
     return labels
 
@@ -62,9 +62,14 @@ def intersect(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def prototypes(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(N, D) pixel embeddings, (N,) segment ids 0..S-1 -> (S, D) normalised mean embedding per segment."""
     s = int(labels.max()) + 1
-    return F.normalize(
-        torch.zeros(s, embeddings.shape[1], dtype=embeddings.dtype).index_add_(0, labels, embeddings), dim=1
-    )
+    return F.normalize(embeddings.new_zeros(s, embeddings.shape[1]).index_add_(0, labels, embeddings), dim=1)
+
+
+def segment_means(values: torch.Tensor, labels: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """(N, D) values, (N,) ids 0..S-1 -> (S, D) plain means per id (a segment's mean positional embedding)."""
+    n = int(labels.max()) + 1 if n is None else n
+    sums = values.new_zeros(n, values.shape[1]).index_add_(0, labels, values)
+    return sums / torch.bincount(labels, minlength=n)[:, None].clamp(min=1).to(values.dtype)
 
 
 def coarser_levels(fine: torch.Tensor, transitions: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -46,8 +46,8 @@ def level0_segments(emb: torch.Tensor, regions: torch.Tensor, cfg: HSGConfig) ->
     out = []
     for e, r in zip(emb, regions, strict=True):
         h, w = r.shape
-        km = G.spherical_kmeans(G.with_location(e.permute(1, 2, 0)), G.grid_labels(h, w, *cfg.kmeans_grid),
-                                cfg.kmeans_iters)  # fmt: skip
+        init = G.grid_labels(h, w, *cfg.kmeans_grid, device=e.device)
+        km = G.spherical_kmeans(G.with_location(e.permute(1, 2, 0)), init, cfg.kmeans_iters)
         out.append(G.intersect(km, r.reshape(-1)))
     return torch.stack(out)
 
@@ -66,20 +66,20 @@ def hsg_losses(
     pixels = emb.permute(0, 2, 3, 1).reshape(-1, d)
     protos = G.prototypes(pixels, pixel_segment)  # (S, d)
     n_seg = protos.shape[0]
-    image_of_segment = torch.repeat_interleave(torch.arange(views) // 2, counts)
-    view_of_segment = torch.repeat_interleave(torch.arange(views), counts)
-    region_of_segment = torch.zeros(n_seg, dtype=torch.long).scatter_(0, pixel_segment, regions.reshape(-1))
+    dev = emb.device
+    image_of_segment = torch.repeat_interleave(torch.arange(views, device=dev) // 2, counts)
+    view_of_segment = torch.repeat_interleave(torch.arange(views, device=dev), counts)
+    region_of_segment = pixel_segment.new_zeros(n_seg).scatter_(0, pixel_segment, regions.reshape(-1))
     n_regions = int(regions.max()) + 1
     region_group = image_of_segment * n_regions + region_of_segment
     out = {"region": L.segsort_loss(pixels, pixel_segment, protos, region_group, cfg.concentration)}
-    zero = emb.sum() * 0
+    zero = emb.sum() * 0 + pos.sum() * 0  # every output in the graph, so DDP sees the position tables used
     out.update(levels=zero, grouping=zero, centroid=zero)
     if cfg.hierarchy and fine is not None and coarse is not None:
         pos_pixels = pos.permute(1, 2, 0).reshape(1, h * w, d).expand(views, -1, -1).reshape(-1, d)
-        seg_pos = torch.zeros(n_seg, d, dtype=emb.dtype).index_add_(0, pixel_segment, pos_pixels)
-        seg_pos = seg_pos / torch.bincount(pixel_segment, minlength=n_seg)[:, None].clamp(min=1)
-        fine_group = torch.empty(n_seg, dtype=torch.long)
-        coarse_group = torch.empty(n_seg, dtype=torch.long)
+        seg_pos = G.segment_means(pos_pixels, pixel_segment, n_seg)
+        fine_group = pixel_segment.new_empty(n_seg)
+        coarse_group = pixel_segment.new_empty(n_seg)
         grouping, fine_centroids, coarse_centroids = zero, [], []
         for i in range(views // 2):
             idx = torch.nonzero(image_of_segment == i).squeeze(1)
@@ -87,7 +87,7 @@ def hsg_losses(
             hard = G.hard_groups(f.assign)
             k_f = f.assign.shape[0]
             onehot = F.one_hot(hard, k_f).T.float()  # (C_fine, n)
-            group_pos = (onehot @ seg_pos[idx]) / onehot.sum(1, keepdim=True).clamp(min=1)
+            group_pos = (onehot @ seg_pos[idx]) / onehot.sum(1, keepdim=True).clamp(min=1)  # mean per fine group
             c = coarse(f.centroids, group_pos)
             p_fine, p_coarse = G.coarser_levels(f.assign, [c.assign])
             fine_group[idx] = hard + i * k_f

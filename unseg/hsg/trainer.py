@@ -12,6 +12,7 @@ processes under DDP (each rank contrasts its own batch; the released code gather
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -63,11 +64,14 @@ class TwoViewRegions:
         self.aug = Photometric(saturation=0.4, hue=0.1, blur_p=0.0, solarize_p=0.0)
 
     def regions(self, i: int, image: np.ndarray) -> np.ndarray:
-        path = self.cache / f"{self.entries[i].id}.npy"
+        e = self.entries[i]
+        path = self.cache / f"{e.id}_{H.file_digest(e.file)}.npy"  # another image under the same id: a new file
         if path.exists():
-            return np.load(path)
+            sp = np.load(path)
+            if sp.shape == image.shape[:2]:
+                return sp
         sp = superpixels(image, self.t.superpixel_scale, min_size=self.t.superpixel_min_size)
-        tmp = path.with_name(path.stem + ".tmp.npy")
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")  # workers and ranks may race on an image
         np.save(tmp, sp)
         tmp.replace(path)
         return sp
@@ -122,7 +126,8 @@ def train_hsg(
     parts = [models.net, models.fine, models.coarse]
     for m in parts:
         m.to(device)
-    net, fine, coarse = (H.wrap_ddp(m, info, device, find_unused_parameters=True) for m in parts)
+    net = H.wrap_ddp(models.net, info, device, find_unused_parameters=True)
+    fine, coarse = models.fine, models.coarse  # called once per image: their gradients are averaged by hand
     opt = torch.optim.SGD([p for m in parts for p in m.parameters()], lr=t.lr, momentum=t.momentum,
                           weight_decay=t.weight_decay)  # fmt: skip
     batches = H.StepBatches(len(entries), t.batch_size, t.seed, TwoViewRegions(entries, t, cache), info)
@@ -139,6 +144,7 @@ def train_hsg(
         out = hsg_losses(emb.float(), pos.float(), regions.to(device), cfg, fine, coarse)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
+        H.average_gradients([fine, coarse])
         opt.step()
         values = {"loss": float(out["loss"])} | {k: float(v) for k, v in out.items() if k != "loss"}
         return values | {"lr": opt.param_groups[0]["lr"]}

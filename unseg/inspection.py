@@ -187,6 +187,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.target:
             print(format_rows(artifact_rows(args.root, stale_stages(args.root))))
         elif args.target[0] in ("show", "grid"):
+            drawn = {"extract_features", "mine_masks", "pseudo_label", "distill_maskrcnn", "filter_confident",
+                     "train_deeplab"}  # fmt: skip
+            stale = sorted((stale_stages(args.root) or set()) & drawn)
+            if stale:  # drawn anyway: what is on disk, from the params of the last run
+                print(f"unseg inspect: warning: stale, run `dvc repro` to update: {', '.join(stale)}", file=sys.stderr)
             index = DatasetIndex.load(args.root / "data/prepared/index.json")
             split = load_params(args.root / "params.yaml").data.val_split
             if args.target[0] == "show":

@@ -124,3 +124,84 @@ def zarr_io(n_images: int = 2000, tokens: int = 165, dim: int = 192, reads: int 
         "target": 0.5,
         "meets_target": bool(npy_write / zarr_write >= 0.5),
     }
+
+
+def kmeans_grid(sizes=(1_000, 10_000, 100_000), ks=(20, 200), dim: int = 384, iters: int = 20) -> dict:
+    """scikit-learn MiniBatchKMeans (the default ``cluster.algorithm``) vs faiss on the same whitened,
+    L2-normalised CLS-like features, equal iterations, one initialisation each."""
+    from unseg.clustering import kmeans, whiten_l2
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in sizes:
+        for k in ks:
+            centres = rng.normal(size=(k, dim))
+            x, _ = whiten_l2(centres[rng.integers(0, k, n)] + 1.5 * rng.normal(size=(n, dim)))
+            row = {"n": n, "k": k}
+            for algo in ("minibatch", "faiss"):
+                start = time.perf_counter()
+                res = kmeans(x, k, 0, algo, batch_size=1000, n_init=1, max_iter=iters)
+                row[f"{algo}_seconds"] = time.perf_counter() - start
+                row[f"{algo}_inertia"] = float(((x - res.centers[res.labels]) ** 2).sum())
+            row["time_ratio"] = row["minibatch_seconds"] / row["faiss_seconds"]
+            row["inertia_ratio"] = row["minibatch_inertia"] / row["faiss_inertia"]
+            rows.append(row)
+    worst_time = max(r["time_ratio"] for r in rows)
+    worst_inertia = max(r["inertia_ratio"] for r in rows)
+    return {
+        "iterations": iters,
+        "runs": rows,
+        "ratio": worst_time,
+        "target": 1.5,
+        "inertia_within_1pct": bool(worst_inertia <= 1.01),
+        "meets_target": bool(worst_time <= 1.5 and worst_inertia <= 1.01),
+    }
+
+
+def peak_rss(scale: int = 10, n_train: int = 480, n_val: int = 120) -> dict:
+    """Peak RSS (MB) of extract_features, mine_masks and pseudo_label on the tiny dataset and on ``scale``x it
+    (same params otherwise; the ViT converted from the committed checkpoint, so no training)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    out = {}
+    for factor in (1, scale):
+        tmp = Path(tempfile.mkdtemp())
+        try:
+            params = yaml.safe_load((root / "params.yaml").read_text())
+            params["data"].update(n_train=n_train * factor, n_val=n_val * factor, video_sequences=0)
+            params["backbone"]["weights"] = str(root / "checkpoints/croc_tiny.pth")
+            (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+            env = {**__import__("os").environ, "PYTHONPATH": str(root)}
+            steps = {
+                "prepare": ["stages.prepare", "data/prepared"],
+                "pretrain_croc": ["stages.pretrain_croc", "data/prepared/index.json", "vit.pth", "--ckpt", "ck",
+                                  "--log", "croc.csv"],
+                "extract_features": ["stages.extract_features", "data/prepared/index.json", "vit.pth", "f.zarr"],
+                "mine_masks": ["stages.mine_masks", "f.zarr", "m.zarr"],
+                "pseudo_label": ["stages.pseudo_label", "data/prepared/index.json", "vit.pth", "f.zarr", "m.zarr",
+                                 "pl"],
+            }  # fmt: skip
+            rss = {}
+            for name, args in steps.items():
+                cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", *args, "--quiet"]
+                proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
+                if proc.returncode:
+                    raise RuntimeError(f"{name} failed: {proc.stderr[-2000:]}")
+                rss[name] = int(proc.stderr.strip().splitlines()[-1]) / 1024
+            out[f"x{factor}"] = {k: rss[k] for k in ("extract_features", "mine_masks", "pseudo_label")}
+        finally:
+            shutil.rmtree(tmp)
+    growth = {k: out[f"x{scale}"][k] / out["x1"][k] for k in out["x1"]}
+    return {
+        "images_x1": n_train + n_val,
+        "scale": scale,
+        "peak_rss_mb": out,
+        "growth": growth,
+        "ratio": max(growth.values()),
+        "target": 1.10,
+        "meets_target": bool(max(growth.values()) <= 1.10),
+    }

@@ -179,6 +179,8 @@ def main() -> None:
         "extraction_vs_bare": bench_extraction_vs_bare,
         "zarr_io": pipeline_io.zarr_io,
         "noop_repro": bench_noop_repro,
+        "kmeans_grid": pipeline_io.kmeans_grid,
+        "memory": pipeline_io.peak_rss,
     }
     only = set(sys.argv[1:]) or set(benches)
     for name, fn in benches.items():

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINES = ("dvc.yaml", "ceiling/dvc.yaml")
+PIPELINES = ("dvc.yaml", "ceiling/dvc.yaml", "hsg/dvc.yaml")
 CODE = ("stages/", "unseg/")
 
 

@@ -17,8 +17,9 @@ from unseg import clustering, coco, store
 from unseg.cli import log, parser, run_stage
 from unseg.data.index import DatasetIndex
 from unseg.errors import UserError
-from unseg.pseudo_labels import cluster_model, mined_items
-from unseg.train.harness import resolve_device
+from unseg.launch import relaunch_under_torchrun
+from unseg.pseudo_labels import cluster_model, gather_mask_features, mined_items
+from unseg.train.harness import resolve_device, setup_distributed
 
 
 def main(args, params) -> None:
@@ -28,9 +29,15 @@ def main(args, params) -> None:
     masks = store.RaggedStore(args.masks)
     attrs = store.RaggedStore(args.features).attrs
     model = cluster_model(params.cluster, params.backbone, args.backbone).eval().to(device)
-    feats, anns = clustering.mask_features(
-        model, mined_items(index, masks, attrs), c.input, device, c.batch_size, params.mining.upsample
+    info = setup_distributed(device)  # under torchrun each rank computes the features of a share of images
+    rows = range(*store.shard_bounds(len(masks), info.rank, info.world_size))
+    items = mined_items(index, masks, attrs, rows)
+    gathered = gather_mask_features(
+        *clustering.mask_features(model, items, c.input, device, c.batch_size, params.mining.upsample), info
     )
+    if gathered is None:
+        return
+    feats, anns = gathered
     k = c.classes * c.overcluster
     if len(anns) < k:
         raise UserError(
@@ -57,5 +64,6 @@ def main(args, params) -> None:
 
 
 if __name__ == "__main__":
+    relaunch_under_torchrun("stages.pseudo_label")
     torch.set_grad_enabled(False)
     run_stage("pseudo_label", main, parser(__doc__, "index", "backbone", "features", "masks", "out"))

@@ -265,3 +265,16 @@ def test_inspect_lists_artifacts_describes_them_and_draws_one_image(micro_repo, 
     assert Image.open(grid).size == (8 * 192, 4 * 208)  # 3 images of 8 panels, then the legend
     missing = subprocess.run([*cmd, "artifacts/nope.zarr"], cwd=micro_repo, capture_output=True, text=True)
     assert missing.returncode == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr
+    params_file = micro_repo / "params.yaml"
+    original = params_file.read_text()
+    changed = yaml.safe_load(original)
+    changed["filter"]["tau"] = 0.77  # stale from filter_confident on, not rerun
+    params_file.write_text(yaml.safe_dump(changed, sort_keys=False))
+    try:
+        stale = subprocess.run([*cmd, "show", str(image_id), "-o", str(out)], cwd=micro_repo, capture_output=True,
+                               text=True)  # fmt: skip
+    finally:
+        params_file.write_text(original)
+    warnings = [line for line in stale.stderr.splitlines() if "warning" in line]
+    assert stale.returncode == 0 and len(warnings) == 1
+    assert "filter_confident" in warnings[0] and "train_deeplab" in warnings[0] and "mine_masks" not in warnings[0]

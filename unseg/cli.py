@@ -36,6 +36,7 @@ def run_stage(name: str, main: Callable[[argparse.Namespace, Params], None], par
     start = time.time()
     try:
         params = load_params(Path(args.params))
+        log(name, f"start ({args.params}, pid {os.getpid()})")
         main(args, params)
     except UserError as err:
         print(f"{name}: error: {err}", file=sys.stderr)

@@ -36,7 +36,7 @@ from unseg.params import load_params
 def pipeline_outs(root: Path) -> list[tuple[str, str]]:
     """(path, stage) of every out and metric of both pipelines."""
     found = []
-    for name in ("dvc.yaml", "ceiling/dvc.yaml"):
+    for name in ("dvc.yaml", "ceiling/dvc.yaml", "hsg/dvc.yaml"):
         if not (root / name).is_file():
             continue
         prefix = "" if name == "dvc.yaml" else f"{name}:"
@@ -66,10 +66,10 @@ def disk_usage(path: Path) -> tuple[int, int]:
 def params_digests(root: Path) -> dict[str, str]:
     """Stage -> the first 8 hex digits of a sha256 of the params its last run used (from the dvc.lock files)."""
     digests = {}
-    for name in ("dvc.lock", "ceiling/dvc.lock"):
+    for name in ("dvc.lock", "ceiling/dvc.lock", "hsg/dvc.lock"):
         if not (root / name).is_file():
             continue
-        prefix = "" if name == "dvc.lock" else "ceiling/dvc.yaml:"
+        prefix = "" if name == "dvc.lock" else name.replace(".lock", ".yaml") + ":"
         for stage, spec in (yaml.safe_load((root / name).read_text()) or {}).get("stages", {}).items():
             if spec.get("params"):
                 text = json.dumps(spec["params"], sort_keys=True, default=str)
@@ -187,6 +187,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.target:
             print(format_rows(artifact_rows(args.root, stale_stages(args.root))))
         elif args.target[0] in ("show", "grid"):
+            drawn = {"extract_features", "mine_masks", "pseudo_label", "distill_maskrcnn", "filter_confident",
+                     "train_deeplab"}  # fmt: skip
+            stale = sorted((stale_stages(args.root) or set()) & drawn)
+            if stale:  # drawn anyway: what is on disk, from the params of the last run
+                print(f"unseg inspect: warning: stale, run `dvc repro` to update: {', '.join(stale)}", file=sys.stderr)
             index = DatasetIndex.load(args.root / "data/prepared/index.json")
             split = load_params(args.root / "params.yaml").data.val_split
             if args.target[0] == "show":

@@ -20,10 +20,22 @@ LAUNCH_ENV = "UNSEG_TORCHRUN"
 
 
 def relaunch_under_torchrun(module: str) -> None:
-    """Replace this process by torchrun running ``module`` when ``UNSEG_TORCHRUN`` asks for it."""
+    """Run ``module`` with this process's arguments under torchrun when ``UNSEG_TORCHRUN`` asks for it, then
+    exit with the workers' status; return at once otherwise. torchrun parses only its own options here (its
+    command line would read a stage's ``--log`` as an abbreviation of its own ``--log-dir``)."""
     options = os.environ.get(LAUNCH_ENV, "").strip()
     if not options or "LOCAL_RANK" in os.environ:  # not asked for, or already one of torchrun's workers
         return
-    cmd = [sys.executable, "-m", "torch.distributed.run", *shlex.split(options), "-m", module, *sys.argv[1:]]
-    print(f"[launch] {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    os.execv(sys.executable, cmd)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args([*shlex.split(options), "-m", module])
+    args.training_script_args = sys.argv[1:]
+    print(
+        f"[launch] torch.distributed.run {options} -m {module} {shlex.join(sys.argv[1:])}", file=sys.stderr, flush=True
+    )
+    try:
+        run(args)
+    except ChildFailedError as err:  # the failing worker printed its own error
+        sys.exit(next(iter(err.failures.values())).exitcode or 1)
+    sys.exit(0)

@@ -164,7 +164,8 @@ def _mine_side(
     proposals = topk_indices(a, topk_count(n, cfg.topk_fraction))  # P, (B, k)
     source = proposals[:, 0]
     keys = keys.float()
-    k_prop = torch.gather(keys, 1, proposals[..., None].expand(-1, -1, keys.shape[-1]))  # (B, k, D)
+    rows = torch.arange(b, device=keys.device)[:, None]
+    k_prop = keys[rows, proposals]  # (B, k, D); indexing, not gather: no (B, k, D) index tensor
     k_src = keys[torch.arange(b, device=keys.device), source]  # (B, D)
     in_p_prime = torch.einsum("bd,bkd->bk", k_src, k_prop) > 0  # A[s, j] > 0 for j in P
     if available is not None:

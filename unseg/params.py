@@ -236,6 +236,44 @@ class Deeplab:
 
 
 @dataclass(frozen=True)
+class Hsg:  # pretrain_hsg (hsg/dvc.yaml): HSG (Ke et al. 2022); released values in configs/paper.yaml
+    reuse: str | None = p(None)  # a checkpoint this stage wrote with exactly these params and images
+    backbone: str = p("resnet18", choices=("resnet18", "resnet34", "resnet50", "resnet101"))
+    dim: int = p(128, lo=8)  # pixel embedding dimension
+    output_stride: int = p(16, choices=(8, 16, 32))  # released: 16 in training
+    fine_groups: int = p(8, lo=2)
+    coarse_groups: int = p(4, lo=1)
+    steps: int = p(200, lo=0)
+    stage1_steps: int = p(100, lo=0)  # SegSort-only steps before the full objective
+    batch_size: int = p(8, lo=1)  # images, two views each
+    crop_size: int = p(128, lo=32)
+    crop_scale_min: float = p(0.5, lo=0, hi=1, lo_open=True)
+    crop_scale_max: float = p(1.0, lo=0, hi=1, lo_open=True)
+    lr: float = p(0.01, lo=0, lo_open=True)
+    momentum: float = p(0.9, lo=0, hi=1)
+    weight_decay: float = p(1e-4, lo=0)
+    warmup_steps: int = p(20, lo=0)
+    lr_milestones: list[float] = p([0.32, 0.56, 0.75])  # lr x0.1 at these fractions of the steps (released)
+    superpixel_scale: float = p(100.0, lo=0, lo_open=True)  # Felzenszwalb scale (stands in for OWT-UCM)
+    superpixel_min_size: int = p(20, lo=1)
+    concentration: float = p(16.0, lo=0, lo_open=True)  # kappa
+    kmeans_grid: list[int] = p([4, 4])  # level-0 spherical K-means grid init (released stage 2: 4x4)
+    kmeans_iters: int = p(15, lo=1)
+    knn: int = p(2, lo=1)  # DMoN graph neighbours
+    weight_region: float = p(1.0, lo=0)  # lambda_E
+    weight_levels: float = p(0.1, lo=0)  # lambda_F, each level
+    weight_grouping: float = p(1.0, lo=0)  # lambda_G (DMoN + collapse)
+    weight_centroid: float = p(1.0, lo=0)
+    collapse_nodes: int | None = p(None, lo=1)  # null: n segments (paper); released: 256 (padded)
+    collapse_minus_one: bool = p(True)  # DMoN's -1 (released: false)
+    amp: bool = p(True)
+    device: str = p("auto", choices=DEVICES)
+    workers: int = p(0, lo=0)
+    ckpt_every: int = p(100, lo=1)
+    seed: int = p(0, lo=0)
+
+
+@dataclass(frozen=True)
 class Evaluate:
     baselines: bool = p(True)
     raw_kmeans_pixels: int = p(200_000, lo=1000)
@@ -265,6 +303,7 @@ class Params:
     filter: Filter = field(default_factory=Filter)
     deeplab: Deeplab = field(default_factory=Deeplab)
     evaluate: Evaluate = field(default_factory=Evaluate)
+    hsg: Hsg = field(default_factory=Hsg)
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Params)

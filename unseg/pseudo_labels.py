@@ -3,6 +3,7 @@ streamed with their images (one image decoded at a time)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from unseg import store
@@ -24,17 +25,34 @@ def cluster_model(c, b, backbone_path) -> torch.nn.Module:
     return model
 
 
-def mined_items(index: DatasetIndex, masks: store.RaggedStore, attrs: dict):
-    """(image id, image, token mask, mining geometry) for every mask of ``masks.zarr``, in store order
-    (an image's masks in their mining order)."""
+def mined_items(index: DatasetIndex, masks: store.RaggedStore, attrs: dict, rows: range | None = None):
+    """(image id, image, token mask, mining geometry) for every mask of ``masks.zarr`` (of the store rows
+    ``rows``: a rank's share under torchrun), in store order (an image's masks in their mining order)."""
     by_id = index.by_id
     grids = masks.read("grid")
     token_labels = masks.read("token_label")
+    image_ids = masks.read("image_id")
     patch = int(attrs["backbone"]["patch_size"])
-    for i, image_id in enumerate(progress(masks.read("image_id"), desc="mask features")):
-        e = by_id[int(image_id)]
+    for i in progress(rows if rows is not None else range(len(image_ids)), desc="mask features"):
+        e = by_id[int(image_ids[i])]
         geom = geometry(e.height, e.width, attrs["short_side"], patch, attrs["fit"])
         labels = token_labels[masks.offsets[i] : masks.offsets[i + 1]].reshape(grids[i])
         image = read_image(e)
         for m in range(1, int(labels.max(initial=0)) + 1):
             yield e.id, image, labels == m, geom
+
+
+def gather_mask_features(feats: np.ndarray, anns: list[dict], info) -> tuple[np.ndarray, list[dict]] | None:
+    """Every rank's (features, annotations) on rank 0, in rank order, annotation ids renumbered 1..M (the
+    order and ids of a single process); None on the other ranks. No-op without a process group."""
+    if info.world_size == 1:
+        return feats, anns
+    shares = [None] * info.world_size
+    torch.distributed.all_gather_object(shares, (feats, anns))
+    if not info.is_main:
+        return None
+    feats = np.concatenate([f for f, _ in shares])
+    anns = [a for _, share in shares for a in share]
+    for i, a in enumerate(anns, 1):
+        a["id"] = i
+    return feats, anns

@@ -52,8 +52,10 @@ def test_merge_shards_equals_one_writer(tmp_path):
     assert merged.attrs["a"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["m.zarr"]  # shards removed
 
 
-@pytest.mark.slow
-def test_torchrun_two_ranks_equal_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    """A micro dataset, a random ViT and the single-process ``one.zarr`` of extract_features."""
+    tmp_path = tmp_path_factory.mktemp("sharded")
     p = parse_params(PARAMS)
     generate(p.data, tmp_path / "prepared").save(tmp_path / "prepared/index.json")
     torch.manual_seed(0)
@@ -64,6 +66,14 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
     stage = ["-m", "stages.extract_features", "prepared/index.json", "vit.pth"]
     one = subprocess.run([sys.executable, *stage, "one.zarr", "--quiet"], cwd=tmp_path, env=env, capture_output=True)
     assert one.returncode == 0, one.stderr.decode()
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one_process(extracted):
+    tmp_path = extracted
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    stage = ["-m", "stages.extract_features", "prepared/index.json", "vit.pth"]
     # the dvc.yaml command unchanged, torchrun chosen by the environment (unseg/launch.py)
     sharded = {**env, "UNSEG_TORCHRUN": "--standalone --nproc_per_node 2"}
     two = subprocess.run(
@@ -76,3 +86,26 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
     for name in ("keys", "cls_logits", "cls_token", "grid", "input_size", "image_id", "offsets"):
         np.testing.assert_array_equal(b.read(name), a.read(name), err_msg=name)
     assert b.attrs["digest"] == a.attrs["digest"]
+
+
+@pytest.mark.slow
+def test_pseudo_label_under_torchrun_equals_one_process(extracted):
+    import json
+
+    tmp_path = extracted
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def run(cmd, extra=None):
+        proc = subprocess.run([sys.executable, "-m", *cmd, "--quiet"], cwd=tmp_path, env={**env, **(extra or {})},
+                              capture_output=True, text=True)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run(["stages.mine_masks", "one.zarr", "masks.zarr"])
+    args = ["stages.pseudo_label", "prepared/index.json", "vit.pth", "one.zarr", "masks.zarr"]
+    run([*args, "pl_one"])
+    run([*args, "pl_two"], {"UNSEG_TORCHRUN": "--standalone --nproc_per_node 2"})
+    one, two = (json.loads((tmp_path / d / "instances.json").read_text()) for d in ("pl_one", "pl_two"))
+    assert len(one["annotations"]) == 13 and one["annotations"] == two["annotations"]
+    a, b = np.load(tmp_path / "pl_one/kmeans.npz"), np.load(tmp_path / "pl_two/kmeans.npz")
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+    np.testing.assert_allclose(a["centers"], b["centers"], atol=1e-5)

@@ -21,6 +21,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +95,11 @@ def setup_distributed(device: torch.device) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world <= 1:
         return DistInfo()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # collectives stage data on the current device: this rank's own GPU
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # a long timeout: a rank whose share is done waits at a barrier for the slowest one (sharded extraction)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=12))
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
@@ -103,6 +107,19 @@ def barrier() -> None:
     """Wait for every process of the group (no-op without one)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def average_gradients(modules: Sequence[torch.nn.Module]) -> None:
+    """Mean over processes of the gradients of modules not wrapped in DDP (e.g. called several times per
+    step); a parameter without a gradient counts as zeros. No-op without a process group."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for module in modules:
+        for p in module.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:

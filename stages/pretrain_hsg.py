@@ -1,0 +1,70 @@
+"""pretrain_hsg: a ResNet FCN trained with HSG (Ke et al., CVPR 2022) on the unlabeled training images.
+
+Reads: params ``hsg``; the image index (training split). Writes ``<out>``: the ResNet trunk in torchvision
+names (``state_dict``, what ``distill.backbone_weights`` / ``deeplab.backbone_weights`` load), the embedding
+head, the clustering transformers and ``meta`` (params digest). Scratch: ``<ckpt>`` (resumable checkpoints
+guarded by the digest, and the cached superpixels of every image) and the loss log, copied to ``<log>``.
+``hsg.reuse``: a checkpoint written by this stage with the same digest is used as is. Runs under torchrun.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from unseg.cli import log, parser, run_stage
+from unseg.data.index import DatasetIndex
+from unseg.errors import UserError
+from unseg.hsg.objective import HSGConfig
+from unseg.hsg.trainer import HSGTraining, build_models, export_state, train_hsg
+from unseg.launch import relaunch_under_torchrun
+from unseg.models.checkpoint import read_checkpoint, save_checkpoint
+from unseg.params import config_from
+from unseg.train import harness as H
+
+RUNTIME = {"reuse", "device", "workers", "ckpt_every"}
+
+
+def main(args, params) -> None:
+    h = params.hsg
+    entries = DatasetIndex.load(args.index).split(params.data.train_split)
+    if not entries:
+        raise UserError(f"no images in split {params.data.train_split!r} to pretrain on")
+    trained = {k: v for k, v in vars(h).items() if k not in RUNTIME}
+    digest = H.params_digest(trained, [H.file_digest(e.file) for e in entries])
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    if h.reuse and read_checkpoint(h.reuse, "hsg.reuse").get("meta", {}).get("digest") == digest:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(h.reuse, args.out)
+        args.log.write_text("step,loss\n")
+        log("pretrain_hsg", f"hsg.reuse: {h.reuse} was trained with these exact params and data; used as is")
+        return
+    if h.reuse:
+        log("pretrain_hsg", f"warning: hsg.reuse: {h.reuse} was trained with other params or data: training")
+    if h.crop_size % h.output_stride:
+        raise UserError(f"hsg.crop_size = {h.crop_size}: must be a multiple of hsg.output_stride ({h.output_stride})")
+    training = config_from(HSGTraining, h, lr_milestones=tuple(h.lr_milestones))
+    objective = config_from(HSGConfig, h, kmeans_grid=tuple(h.kmeans_grid), hierarchy=True)
+    device = H.resolve_device(h.device)
+    info = H.setup_distributed(device)
+    torch.manual_seed(h.seed)
+    models = build_models(training)
+    ckpt = H.CheckpointDir(args.ckpt / "train", digest, info.is_main)
+    regions = args.ckpt / f"superpixels_scale{h.superpixel_scale:g}_min{h.superpixel_min_size}"  # kept across runs
+    ran = train_hsg(models, entries, training, objective, ckpt, ckpt.path / "loss.csv", regions, device, info)
+    if not info.is_main:
+        return
+    save_checkpoint(export_state(models, {"digest": digest, "steps": h.steps, "backbone": h.backbone}), args.out)
+    loss = ckpt.path / "loss.csv"
+    args.log.write_text(loss.read_text() if loss.exists() else "step,loss\n")
+    log("pretrain_hsg", f"{ran} of {h.steps} HSG steps run now -> {args.out}")
+
+
+if __name__ == "__main__":
+    relaunch_under_torchrun("stages.pretrain_hsg")
+    ap = parser(__doc__, "index", "out")
+    ap.add_argument("--ckpt", type=Path, default=Path("artifacts/scratch/hsg"))
+    ap.add_argument("--log", type=Path, default=Path("artifacts/plots/hsg_loss.csv"))
+    run_stage("pretrain_hsg", main, ap)

@@ -1,0 +1,101 @@
+"""HSG's networks (reference.md §3.1): a ResNet FCN with a 128-d pixel embedding and a learned positional
+embedding, and the DETR-style clustering transformer that groups segments into the fine level and maps fine
+groups to coarse ones.
+
+The embedding net is a torchvision ResNet (``unseg.models.resnet``), so its trunk loads into the Mask R-CNN and
+DeepLab backbones as is: layer4 dilated (output stride 16 in training, as released; layer3 too for 8 at test),
+then ``conv_out`` = 1x1-BN-ReLU-1x1 to the embedding. The positional embedding is DETR's learned one: a row and
+a column table (50 entries of dim/2 each) concatenated.
+
+The clustering transformer (d 128, 4 heads, 2 encoder + 2 decoder layers, FFN 256, dropout 0.1) takes segment
+features as memory and C learned queries; centroid = MLP(decoder output), logits = centroids . memory /
+sqrt(d), P = softmax over the C groups. Ours uses LayerNorm where the released code has BatchNorm1d (a batch of
+padded segment sets makes BatchNorm statistics depend on the padding); the decoder input is initialised from
+the memory's mean and std through an MLP, as released.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unseg.models.resnet import create_resnet, resnet_stage_channels
+
+
+class LearnedPosition(nn.Module):
+    """(h, w) -> (dim, h, w): concatenated learned row and column embeddings (DETR), tables of ``size``."""
+
+    def __init__(self, dim: int = 128, size: int = 50):
+        super().__init__()
+        self.rows, self.cols = nn.Embedding(size, dim // 2), nn.Embedding(size, dim // 2)
+        nn.init.uniform_(self.rows.weight)
+        nn.init.uniform_(self.cols.weight)
+
+    def forward(self, h: int, w: int) -> torch.Tensor:
+        size = self.rows.num_embeddings
+        ys = torch.arange(h, device=self.rows.weight.device).clamp(max=size - 1)
+        xs = torch.arange(w, device=self.cols.weight.device).clamp(max=size - 1)
+        return torch.cat(
+            [self.rows(ys)[:, None, :].expand(h, w, -1), self.cols(xs)[None, :, :].expand(h, w, -1)], -1
+        ).permute(2, 0, 1)
+
+
+class EmbeddingFCN(nn.Module):
+    """Images (B, 3, H, W) in [0, 1] -> unit pixel embeddings (B, dim, H/os, W/os) and positions (dim, h, w)."""
+
+    def __init__(self, backbone: str = "resnet18", dim: int = 128, output_stride: int = 16):
+        super().__init__()
+        dilate = {16: (False, False, True), 8: (False, True, True), 32: (False, False, False)}[output_stride]
+        self.resnet = create_resnet(backbone, dilate)
+        self.resnet.fc = nn.Identity()
+        c = resnet_stage_channels(self.resnet)["layer4"]
+        self.conv_out = nn.Sequential(
+            nn.Conv2d(c, c, 1), nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.Conv2d(c, dim, 1)
+        )
+        self.position = LearnedPosition(dim)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.resnet
+        x = (images - self.mean) / self.std
+        x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
+        x = r.layer4(r.layer3(r.layer2(r.layer1(x))))
+        emb = F.normalize(self.conv_out(x), dim=1)
+        return emb, self.position(*emb.shape[-2:])
+
+
+@dataclass
+class Grouping:
+    assign: torch.Tensor  # (C, n): each segment's distribution over the C groups (columns sum to 1)
+    centroids: torch.Tensor  # (C, d): the groups' centroid features (input of the next level)
+
+
+class ClusteringTransformer(nn.Module):
+    """n segment features (n, d) with positions (n, d) -> ``Grouping`` of C groups."""
+
+    def __init__(self, groups: int, dim: int = 128, heads: int = 4, layers: int = 2, ffn: int = 256,
+                 dropout: float = 0.1):  # fmt: skip
+        super().__init__()
+        self.encoder = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(dim, heads, ffn, dropout, batch_first=True), layers, enable_nested_tensor=False
+        )
+        self.decoder = nn.TransformerDecoder(
+            nn.TransformerDecoderLayer(dim, heads, ffn, dropout, batch_first=True), layers
+        )
+        self.queries = nn.Embedding(groups, dim)
+        self.target_init = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
+        self.centroid = nn.Sequential(nn.ReLU(), nn.Linear(dim, dim), nn.LayerNorm(dim))
+        self.centroid_feats = nn.Sequential(nn.ReLU(), nn.Linear(dim, dim))
+
+    def forward(self, segments: torch.Tensor, positions: torch.Tensor) -> Grouping:
+        src = (segments + positions)[None]  # (1, n, d)
+        memory = self.encoder(src)
+        stats = torch.cat([memory.mean(1), memory.std(1, unbiased=False)], -1)  # (1, 2d)
+        target = self.target_init(stats)[:, None, :] + self.queries.weight[None]  # (1, C, d)
+        out = self.decoder(target, memory)[0]  # (C, d)
+        logits = self.centroid(out) @ memory[0].T / memory.shape[-1] ** 0.5  # (C, n)
+        return Grouping(assign=logits.softmax(0), centroids=self.centroid_feats(out))

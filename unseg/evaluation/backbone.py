@@ -218,9 +218,14 @@ def backbone_suite(
 
 
 def front_half_row(model, mined: list, params: Params, index, val, val_gts, device) -> dict:
-    """Table 1's first row for ``model``'s mined masks (K-means on its CLS features), scored on val."""
+    """Table 1's first row for ``model``'s mined masks (K-means on its CLS features), scored on val (k capped
+    at the number of masks)."""
     c, m, f = params.cluster, params.mining, params.features
-    k = c.classes * c.overcluster
+    masks = sum(int(mask.any()) for image in mined for mask in image.masks())
+    # the validation split alone may hold fewer masks than the pipeline's k (COCO-MINI: 79 masks, k = 80)
+    k = min(c.classes * c.overcluster, masks)
+    if k == 0:
+        return {"note": "the random-init ViT mined no mask on the validation split"}
     anns = cluster_mined(
         model, mined, c.input, k, c.seed, device, c.whiten, c.algorithm, m.upsample, f.batch_size, c.kmeans_batch_size
     )

@@ -50,6 +50,7 @@ def main(args, params) -> None:
         note = f"no ground truth in split {split!r}: nothing to score (label-free: health.json)"
         write_metrics(args.out, {name: {"note": note} for name in METRICS}, note + "\n")
         figures.write_bars(args.plots / "table1.csv", [])
+        figures.write_sheets(Path("."), index, split, args.plots)  # without labels: random images in both
         log("evaluate", note)
         return
     art = RunArtifacts(**{name: getattr(args, name) for name in RunArtifacts.__dataclass_fields__})

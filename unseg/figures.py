@@ -220,7 +220,8 @@ def write_bars(path: Path, bars: list[dict]) -> None:
 
 
 def write_sheets(root: Path, index: DatasetIndex, split: str | None, out: Path, n: int = 4) -> list[Path]:
-    """The worst and the best ``n`` validation images at every stage, as ``out/{worst,best}.png``."""
+    """The worst and the best ``n`` validation images at every stage, as ``out/{worst,best}.png`` (without
+    ground truth: the same random images in both)."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for sort in ("worst", "best"):

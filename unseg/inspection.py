@@ -191,7 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "train_deeplab"}  # fmt: skip
             stale = sorted((stale_stages(args.root) or set()) & drawn)
             if stale:  # drawn anyway: what is on disk, from the params of the last run
-                print(f"unseg inspect: warning: stale, run `dvc repro` to update: {', '.join(stale)}", file=sys.stderr)
+                names = ", ".join(stale)
+                print(f"unseg inspect: warning: stale from {names} on; `dvc repro` updates them", file=sys.stderr)
             index = DatasetIndex.load(args.root / "data/prepared/index.json")
             split = load_params(args.root / "params.yaml").data.val_split
             if args.target[0] == "show":

@@ -9,7 +9,6 @@ guarded by the digest, and the cached superpixels of every image) and the loss l
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,8 +19,9 @@ from unseg.errors import UserError
 from unseg.hsg.objective import HSGConfig
 from unseg.hsg.trainer import HSGTraining, build_models, export_state, train_hsg
 from unseg.launch import relaunch_under_torchrun
-from unseg.models.checkpoint import read_checkpoint, save_checkpoint
+from unseg.models.checkpoint import save_checkpoint
 from unseg.params import config_from
+from unseg.pretrain.reuse import reuse_checkpoint
 from unseg.train import harness as H
 
 RUNTIME = {"reuse", "device", "workers", "ckpt_every"}
@@ -35,14 +35,10 @@ def main(args, params) -> None:
     trained = {k: v for k, v in vars(h).items() if k not in RUNTIME}
     digest = H.params_digest(trained, [H.file_digest(e.file) for e in entries])
     args.log.parent.mkdir(parents=True, exist_ok=True)
-    if h.reuse and read_checkpoint(h.reuse, "hsg.reuse").get("meta", {}).get("digest") == digest:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(h.reuse, args.out)
+    if h.reuse and reuse_checkpoint(h.reuse, digest, args.out, lambda m: log("pretrain_hsg", m), "hsg.reuse"):
         args.log.write_text("step,loss\n")
         log("pretrain_hsg", f"hsg.reuse: {h.reuse} was trained with these exact params and data; used as is")
         return
-    if h.reuse:
-        log("pretrain_hsg", f"warning: hsg.reuse: {h.reuse} was trained with other params or data: training")
     if h.crop_size % h.output_stride:
         raise UserError(f"hsg.crop_size = {h.crop_size}: must be a multiple of hsg.output_stride ({h.output_stride})")
     training = config_from(HSGTraining, h, lr_milestones=tuple(h.lr_milestones))

@@ -51,14 +51,15 @@ def training_digest(b, c, entries) -> str:
     return H.params_digest(arch, croc, [H.file_digest(e.file) for e in entries])
 
 
-def reuse_checkpoint(path: str, digest: str, out: Path, warn: Callable[[str], None]) -> bool:
+def reuse_checkpoint(path: str, digest: str, out: Path, warn: Callable[[str], None], key: str = "croc.reuse") -> bool:
     """Copy ``path`` to ``out`` when it was trained with ``digest`` (True); otherwise ``warn`` in one line and
-    return False, so that the caller trains (e.g. on a user's own images)."""
-    meta = read_checkpoint(path, "croc.reuse").get("meta", {})
+    return False, so that the caller trains (e.g. on a user's own images). ``key`` names the param in messages
+    (``croc.reuse``, ``hsg.reuse``)."""
+    meta = read_checkpoint(path, key).get("meta", {})
     if meta.get("digest") != digest:
         warn(
-            f"warning: croc.reuse: {path} was trained with other params or data (digest {meta.get('digest')}, "
-            f"now {digest}): training from scratch instead (croc.reuse: null says so without this line)"
+            f"warning: {key}: {path} was trained with other params or data (digest {meta.get('digest')}, "
+            f"now {digest}): training from scratch instead ({key}: null says so without this line)"
         )
         return False
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from unseg.deeplab import (
     BestEpochOnVal,
     DeepLabTraining,
     SemanticBatches,
+    architecture_of,
     build_deeplab,
     predict_entries,
     train_deeplab,
@@ -46,7 +47,7 @@ def main(args, params) -> None:
     device = H.resolve_device(p.device)
     info = H.setup_distributed(device)
     torch.manual_seed(p.seed)
-    model = build_deeplab(k + 1, p.backbone, p.output_stride, p.aspp_rates, p.freeze_blocks, p.backbone_weights)
+    model = build_deeplab(k + 1, backbone_weights=p.backbone_weights, **architecture_of(p))
     batches = SemanticBatches(
         images=lambda i: torch.from_numpy(read_image(entries[i])).permute(2, 0, 1),
         labels=lambda i: store.read_semantic_map(pseudo, row_of[entries[i].id]),

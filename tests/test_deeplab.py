@@ -205,3 +205,35 @@ def test_augment_zoom_out_fills_label_border():
     assert int((lab == 3).sum()) == 20 * 20
     _, lab0 = train_augment(image, label, torch.Generator().manual_seed(0), 40, (0.5, 0.5), 0.0, 0.0, label_fill=0)
     assert lab0[0, 0] == 0
+
+
+def test_decoder_is_stride_4_and_absent_by_default():
+    torch.manual_seed(0)
+    plain = build_deeplab(3, backbone="resnet18", output_stride=16, freeze_blocks=0)
+    assert plain.decoder is None and not any(k.startswith("decoder") for k in plain.state_dict())
+    model = build_deeplab(3, backbone="resnet18", output_stride=16, freeze_blocks=0, decoder_channels=16).eval()
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        assert model.classifier_input(x).shape == (2, 16, 16, 24)  # stride 4, decoder width
+        assert plain.eval().classifier_input(x).shape == (2, 256, 4, 6)  # stride 16, ASPP head width
+        assert model(x).shape == (2, 3, 64, 96)
+    assert model.head[4].in_channels == 16
+
+
+def _fit_stripes(decoder_channels):
+    """Pixel accuracy after fitting one image whose labels are 4-px vertical stripes (finer than stride 16)."""
+    torch.manual_seed(0)
+    model = build_deeplab(2, backbone="resnet18", output_stride=16, freeze_blocks=0, decoder_channels=decoder_channels)
+    image = torch.rand(2, 3, 64, 64)  # two images: ASPP's image pooling needs a batch for BatchNorm
+    labels = ((torch.arange(64) // 4) % 2).expand(2, 64, 64).clone()
+    image[:, 0] += 0.5 * labels  # the stripes are visible in the red channel
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(25):
+        deeplab_train_step(model, opt, image, labels, torch.device("cpu"), top_fraction=1.0)
+    with torch.no_grad():
+        return float((model.eval()(image).argmax(1) == labels).float().mean())
+
+
+def test_decoder_resolves_what_stride_16_cannot():
+    assert _fit_stripes(16) > 0.95
+    assert _fit_stripes(None) < 0.8  # bilinear logits from a 4 x 4 grid cannot draw 16 stripes

@@ -1,11 +1,13 @@
 """Class labels for mined masks: one CLS feature per mask, then K-means (MaskDistill Sec. 3.2, "Distill Mask R-CNN").
 
-Two ways to get a mask's feature:
+Three ways to get a mask's feature:
 - ``masked`` (the paper's text): the ViT input (resized, normalised, fitted to the patch grid) is
   multiplied by the nearest-upsampled token mask, so pixels outside the mask take the value 0, the
   mean colour after normalisation; the feature is the CLS token after the final LayerNorm.
 - ``bbox_crop`` (the released ``utils/cluster.py``): the mask's bounding box cropped from the image
   at its native resolution, no masking, zero-padded (in normalised space) to a multiple of the patch.
+- ``patch_mean`` (an extension): the unmasked image through the ViT; the feature is the mean of the
+  last-layer patch tokens inside the mask (the object seen in its context, as dense features are read).
 
 Features are whitened (each dimension divided by its std, no centring: ``scipy.cluster.vq.whiten``)
 and L2-normalised, then clustered by scikit-learn MiniBatchKMeans or faiss, seeded.
@@ -56,6 +58,15 @@ def retokenise(pixel_mask: np.ndarray, geom: Geometry) -> np.ndarray:
     return (torch.nn.functional.avg_pool2d(m[None], geom.patch)[0, 0] > 0.5).numpy()
 
 
+def _on_model_grid(token_mask: np.ndarray, geom: Geometry, patch: int) -> tuple[np.ndarray, Geometry]:
+    """The mined token mask and its geometry on the clustering ViT's grid (re-tokenised if its patch differs)."""
+    if patch == geom.patch:
+        return token_mask, geom
+    short = geom.resized[0] if geom.original[0] <= geom.original[1] else geom.resized[1]
+    other = geometry(*geom.original, short, patch, "pad" if geom.canvas[0] >= geom.resized[0] else "crop")
+    return retokenise(token_mask_to_pixels(token_mask, geom, "nearest"), other), other
+
+
 def mask_input(
     image: np.ndarray, token_mask: np.ndarray, geom: Geometry, mode: str, patch: int, upsample: str = "nearest"
 ) -> tuple[torch.Tensor | None, np.ndarray]:
@@ -63,6 +74,8 @@ def mask_input(
 
     ``token_mask`` lives on the mining grid ``geom``; ``patch`` is the clustering ViT's patch size
     (the paper clusters with ViT-S/8 masks mined with ViT-S/16: the mask is then re-tokenised).
+    ``masked``: the image with the pixels outside the mask zeroed; ``bbox_crop``: the mask's box at
+    native resolution; ``patch_mean``: the whole image (the mask weighs its tokens, :func:`mask_features`).
     Returns (None, empty mask) when the mask is empty.
     """
     pixel_mask = token_mask_to_pixels(token_mask, geom, upsample)
@@ -70,15 +83,12 @@ def mask_input(
         return None, pixel_mask
     if mode == "bbox_crop":
         return bbox_crop_input(image, pixel_mask, patch), pixel_mask
-    if mode != "masked":
+    if mode not in ("masked", "patch_mean"):
         raise ValueError(f"unknown cluster input {mode!r}")
-    if patch != geom.patch:
-        short = geom.resized[0] if geom.original[0] <= geom.original[1] else geom.resized[1]
-        other = geometry(*geom.original, short, patch, "pad" if geom.canvas[0] >= geom.resized[0] else "crop")
-        return masked_input(
-            image, retokenise(token_mask_to_pixels(token_mask, geom, "nearest"), other), other
-        ), pixel_mask
-    return masked_input(image, token_mask, geom), pixel_mask
+    token_mask, grid = _on_model_grid(token_mask, geom, patch)
+    if mode == "patch_mean":
+        return vit_input(image, grid), pixel_mask
+    return masked_input(image, token_mask, grid), pixel_mask
 
 
 def cluster_features(
@@ -158,23 +168,31 @@ def mask_features(
     batch_size: int = 32,
     upsample: str = "nearest",
 ) -> tuple[np.ndarray, list[dict]]:
-    """One CLS feature per non-empty mined mask, streamed: memory holds one batch of inputs at a time.
+    """One feature per non-empty mined mask, streamed: memory holds one batch of inputs at a time.
 
     ``items`` yields (image id, image (H, W, 3) uint8, token mask on the mining grid, mining geometry).
-    Consecutive inputs of one shape share a batch. Returns features (M, D) float32 (the CLS token after
-    the final norm) and M COCO annotations of the masks at the original resolution (``category_id`` 0
-    until :func:`assign_clusters`).
+    Consecutive inputs of one shape share a batch. Returns features (M, D) float32 and M COCO
+    annotations of the masks at the original resolution (``category_id`` 0 until :func:`assign_clusters`).
+    The feature is the CLS token after the final norm (``masked``, ``bbox_crop``) or, for ``patch_mean``
+    (an extension), the mean of the unmasked image's last-layer patch tokens inside the mask.
     """
     patch = int(model.patch_embed.patch_size[0])
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
     feats: list[np.ndarray] = []
     anns: list[dict] = []
     pending: list[torch.Tensor] = []
+    weights: list[torch.Tensor] = []  # patch_mean: each input's token mask on the model grid, flattened
 
     def flush() -> None:
         if pending:
-            x = torch.stack(pending).to(device)
-            feats.append(model.forward_features(x)[:, 0].float().cpu().numpy())
+            tokens = model.forward_features(torch.stack(pending).to(device)).float()
+            if mode == "patch_mean":
+                w = torch.stack(weights).to(tokens)[..., None]
+                feats.append(((tokens[:, prefix:] * w).sum(1) / w.sum(1).clamp(min=1.0)).cpu().numpy())
+            else:
+                feats.append(tokens[:, 0].cpu().numpy())
             pending.clear()
+            weights.clear()
 
     for image_id, image, token_mask, geom in items:
         x, pixel_mask = mask_input(image, token_mask, geom, mode, patch, upsample)
@@ -183,6 +201,8 @@ def mask_features(
         if pending and (x.shape != pending[0].shape or len(pending) == batch_size):
             flush()
         pending.append(x)
+        if mode == "patch_mean":
+            weights.append(torch.from_numpy(_on_model_grid(token_mask, geom, patch)[0].reshape(-1).astype(np.float32)))
         anns.append(coco.annotation(len(anns) + 1, image_id, 0, pixel_mask))
     flush()
     dim = int(model.embed_dim)

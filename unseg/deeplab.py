@@ -4,7 +4,8 @@ The model is the released one (reference.md §1.1 "DeepLab-v3 training", built f
 parts): a ResNet dilated to output stride 8, torchvision's ``DeepLabHead`` (ASPP with rates
 (12, 24, 36) and image pooling, 256 channels, dropout 0.5, then 3x3 conv-BN-ReLU and a 1x1
 classifier), logits upsampled bilinearly to the input size. The first blocks are frozen:
-no gradient and BatchNorm statistics kept (:func:`set_train_mode`).
+no gradient and BatchNorm statistics kept (:func:`set_train_mode`). An optional low-level decoder
+(:class:`LowLevelDecoder`, DeepLab-v3+) is a named extension, off in the paper profile.
 """
 
 from __future__ import annotations
@@ -33,27 +34,69 @@ _DILATION_FOR_STRIDE = {8: (False, True, True), 16: (False, False, True), 32: (F
 _STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
+class LowLevelDecoder(nn.Module):
+    """DeepLab-v3+'s decoder (Chen et al., ECCV 2018, Sec. 3.1): sharper boundaries from stride-4 features.
+
+    ``forward(high, low)``: the ASPP branch ``high`` (B, C_h, h, w) upsampled bilinearly to the size of
+    ``low`` (B, C_l, 4h', 4w'), the layer1 features, which a 1x1 conv projects to ``low_proj`` channels
+    (48 in the paper, so they do not outweigh the semantic ones); the concatenation goes through one
+    3x3 conv-BN-ReLU to ``out_channels`` (B, out_channels, H/4, W/4). The paper uses two 3x3 convs of
+    256 channels; one of 64 keeps its cost near a tenth of a tiny model's step.
+    """
+
+    def __init__(self, low_channels: int, high_channels: int = 256, low_proj: int = 48, out_channels: int = 64):
+        super().__init__()
+        self.project = nn.Sequential(
+            nn.Conv2d(low_channels, low_proj, 1, bias=False), nn.BatchNorm2d(low_proj), nn.ReLU(inplace=True)
+        )
+        self.fuse = nn.Sequential(
+            nn.Conv2d(high_channels + low_proj, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+        self.out_channels = out_channels
+
+    def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return self.fuse(torch.cat([high, self.project(low)], dim=1))
+
+
 class DeepLabV3(nn.Module):
     """DeepLab-v3: ``head(backbone(normalise(x)))`` upsampled to the input size.
 
     Input: (B, 3, H, W) float in [0, 1] (ImageNet normalisation happens inside). Output: (B, C, H, W)
     logits. ``head[4]`` is the final 1x1 classifier, the layer that MaskDistill's "linear" protocol
-    re-trains (reference.md §1.1 "Evaluation"). ``frozen`` names the backbone modules kept frozen.
+    re-trains (reference.md §1.1 "Evaluation"); :meth:`classifier_input` is what it sees. With a
+    ``decoder`` the classifier sees the decoder's stride-4 output instead of ``head[:4]``'s.
+    ``frozen`` names the backbone modules kept frozen.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, frozen: Sequence[str] = ()):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        frozen: Sequence[str] = (),
+        decoder: LowLevelDecoder | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.decoder = decoder
         self.frozen = tuple(frozen)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
+    def classifier_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> the features (B, D, h, w) that the final 1x1 classifier ``head[4]`` maps."""
+        features = self.backbone((x - self.mean) / self.std)
+        out = features["out"]
+        for layer in list(self.head)[:4]:
+            out = layer(out)
+        return out if self.decoder is None else self.decoder(out, features["low"])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[-2:]
-        features = self.backbone((x - self.mean) / self.std)["out"]
-        logits = self.head(features)
-        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        logits = self.head[4](self.classifier_input(x))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def frozen_stage_names(freeze_blocks: int) -> tuple[str, ...]:
@@ -77,12 +120,14 @@ def build_deeplab(
     freeze_blocks: int = 2,
     backbone_weights: str | None = None,
     dropout: float = 0.5,
+    decoder_channels: int | None = None,
 ) -> DeepLabV3:
     """DeepLab-v3 with ``num_classes`` outputs (background included) on a dilated ResNet.
 
     ``output_stride`` 8 dilates layer3 (2) and layer4 (4); 16 dilates layer4 only. ``backbone_weights``
     is a local checkpoint read by :func:`unseg.models.resnet.load_resnet_weights` (MoCo, HSG or
     torchvision format). ``dropout`` is the ASPP projection's dropout (torchvision and released: 0.5).
+    ``decoder_channels`` adds a :class:`LowLevelDecoder` of that width on layer1 (null: DeepLab-v3 as released).
     """
     if output_stride not in _DILATION_FOR_STRIDE:
         raise UserError(f"output_stride must be 8, 16 or 32, got {output_stride}")
@@ -91,14 +136,27 @@ def build_deeplab(
     resnet = create_resnet(backbone, _DILATION_FOR_STRIDE[output_stride])
     if backbone_weights:
         load_resnet_weights(resnet, backbone_weights)
-    channels = resnet_stage_channels(resnet)["layer4"]
-    body = IntermediateLayerGetter(resnet, return_layers={"layer4": "out"})
-    head = DeepLabHead(channels, num_classes, atrous_rates=tuple(aspp_rates))
+    channels = resnet_stage_channels(resnet)
+    layers = {"layer4": "out"} if decoder_channels is None else {"layer1": "low", "layer4": "out"}
+    body = IntermediateLayerGetter(resnet, return_layers=layers)
+    head = DeepLabHead(channels["layer4"], num_classes, atrous_rates=tuple(aspp_rates))
     head[0].project[3].p = dropout
+    decoder = None
+    if decoder_channels is not None:
+        decoder = LowLevelDecoder(channels["layer1"], head[1].out_channels, out_channels=decoder_channels)
+        head[4] = nn.Conv2d(decoder_channels, num_classes, 1)
     frozen = frozen_stage_names(freeze_blocks)
     for name in frozen:
         getattr(body, name).requires_grad_(False)
-    return DeepLabV3(body, head, frozen)
+    return DeepLabV3(body, head, frozen, decoder)
+
+
+ARCHITECTURE = ("backbone", "output_stride", "aspp_rates", "freeze_blocks", "decoder_channels")
+
+
+def architecture_of(config) -> dict:
+    """The :func:`build_deeplab` keyword arguments held by a ``deeplab`` params section (by field name)."""
+    return {name: getattr(config, name) for name in ARCHITECTURE}
 
 
 def set_train_mode(model: nn.Module) -> nn.Module:
@@ -407,15 +465,15 @@ def deeplab_features(
 
     ``backbone``: the dilated ResNet's last stage (the paper's linear probe, App. A.2);
     ``head``: the input of the final 1x1 classifier ``head[4]`` (what the released ``linear_finetune.py``
-    re-fits). Both at the model's output stride.
+    re-fits). Both at the model's output stride (``head`` with a decoder: stride 4).
     """
     model.eval()
     x = _model_input(image, input_size).to(device)
-    feats = model.backbone((x - model.mean) / model.std)["out"]
     if where == "head":
-        for layer in list(model.head)[:4]:
-            feats = layer(feats)
-    elif where != "backbone":
+        feats = model.classifier_input(x)
+    elif where == "backbone":
+        feats = model.backbone((x - model.mean) / model.std)["out"]
+    else:
         raise ValueError(f"where must be 'backbone' or 'head', got {where!r}")
     return feats[0].float().cpu()
 

@@ -144,7 +144,7 @@ class Mining:
 
 @dataclass(frozen=True)
 class Cluster:
-    input: str = p("masked", choices=("masked", "bbox_crop"))  # paper text | released code
+    input: str = p("masked", choices=("masked", "bbox_crop", "patch_mean"))  # paper text | released code | extension
     classes: int = p(4, lo=1)  # expected number of object categories (C)
     overcluster: int = p(1, lo=1)  # K-means k = classes * overcluster
     whiten: bool = p(True)
@@ -198,7 +198,7 @@ class Distill:
 
 @dataclass(frozen=True)
 class Filter:
-    tau: float = p(0.9, lo=0, hi=1)  # keep predictions with score > tau (paper Sec. 3.3)
+    tau: float = p(0.7, lo=0, hi=1)  # keep predictions with score > tau (paper Sec. 3.3: 0.9)
     inclusive: bool = p(False)  # score >= tau (released script)
     overlap: str = p("confidence", choices=("confidence", "overwrite", "released"))
     uncertain_score: float | None = p(0.5, lo=0, hi=1)  # dropped masks >= this: ignored, not background
@@ -209,6 +209,7 @@ class Deeplab:
     backbone: str = p("resnet18", choices=("resnet18", "resnet34", "resnet50", "resnet101"))
     output_stride: int = p(16, choices=(8, 16, 32))
     aspp_rates: list[int] = p([12, 24, 36])
+    decoder_channels: int | None = p(64, lo=1)  # extension: DeepLab-v3+ decoder on layer1 (null: v3, the paper)
     freeze_blocks: int = p(0, lo=0, hi=4)  # stem+layer1 (1), +layer2 (2), ...
     backbone_weights: str | None = p(None)
     epochs: int = p(10, lo=1)
@@ -277,7 +278,7 @@ class Hsg:  # pretrain_hsg (hsg/dvc.yaml): HSG (Ke et al. 2022); released values
 class Evaluate:
     baselines: bool = p(True)
     raw_kmeans_pixels: int = p(200_000, lo=1000)
-    maskrcnn_score: float = p(0.5, lo=0, hi=1)  # Table 1 "Mask R-CNN" row: predictions above this score
+    maskrcnn_score: float = p(0.0, lo=0, hi=1)  # Table 1 "Mask R-CNN" row: predictions >= this (0: all written)
     probe_epochs: int = p(20, lo=1)  # linear probe (paper App. A.2: 45 epochs, lr 0.1, x0.1 after 25)
     probe_lr: float = p(0.1, lo=0, lo_open=True)
     probe_memory_mb: int = p(4096, lo=1)  # training features held for the linear probes (a seeded subset beyond)

@@ -40,10 +40,14 @@ def _image_tensor(e: ImageEntry) -> torch.Tensor:
     return torch.from_numpy(read_image(e)).permute(2, 0, 1)
 
 
-def load_deeplab(path, backbone: str, output_stride: int, aspp_rates, freeze_blocks: int, device) -> torch.nn.Module:
-    """The trained DeepLab of ``train_deeplab`` (``model.pt``), in eval mode on ``device``."""
+def load_deeplab(path, device, **architecture) -> torch.nn.Module:
+    """The trained DeepLab of ``train_deeplab`` (``model.pt``), in eval mode on ``device``.
+
+    ``architecture``: the keyword arguments of :func:`unseg.deeplab.build_deeplab` it was built with
+    (``backbone``, ``output_stride``, ``aspp_rates``, ``freeze_blocks``, ``decoder_channels``).
+    """
     ckpt = read_checkpoint(path, "DeepLab model")
-    model = build_deeplab(ckpt["num_classes"], backbone, output_stride, aspp_rates, freeze_blocks)
+    model = build_deeplab(ckpt["num_classes"], **architecture)
     model.load_state_dict(ckpt["model"])
     model.num_classes = ckpt["num_classes"]
     return model.eval().to(device)

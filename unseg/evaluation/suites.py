@@ -14,6 +14,7 @@ import numpy as np
 
 from unseg import coco, store
 from unseg.data.index import DatasetIndex, ImageEntry
+from unseg.deeplab import architecture_of
 from unseg.evaluation import protocols as P
 from unseg.evaluation.table1 import ground_truth_subset, mask_ap_rows, score_split, table1_rows
 from unseg.params import Params
@@ -55,7 +56,7 @@ def run_suite(
         masks, attrs = store.RaggedStore(art.masks), store.RaggedStore(art.features).attrs
         fg = P.mined_mask_fg_iou(masks, attrs, index.by_id, gts, params.mining.upsample)
         rows["1 mined masks + K-means"]["mask_fg_iou"] = fg
-    model = P.load_deeplab(art.deeplab / "model.pt", d.backbone, d.output_stride, d.aspp_rates, d.freeze_blocks, device)
+    model = P.load_deeplab(art.deeplab / "model.pt", device, **architecture_of(d))
     if ev.crf and P.crf_available():
         rows["5 + CRF"] = score(P.crf_label_maps(model, val, device, d.crop_size), model.num_classes)
     elif ev.crf:

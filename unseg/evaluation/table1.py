@@ -83,8 +83,9 @@ def table1_rows(
 ) -> dict[str, dict]:
     """Rows 1-4 on the validation split: each artifact painted into label maps, then ``score(maps, n_pred)``.
 
-    Row 2 paints the Mask R-CNN predictions scoring at least ``maskrcnn_score``; row 3 is the filtered
-    pseudo-ground-truth, its ignored pixels (``filter.uncertain_score``) counted as background.
+    Row 2 paints the Mask R-CNN predictions scoring at least ``maskrcnn_score`` (0: every prediction the
+    model wrote, i.e. before any confidence filtering); row 3 is the filtered pseudo-ground-truth, its
+    ignored pixels (``filter.uncertain_score``) counted as background.
     """
     confident = [p for p in preds if p["score"] >= maskrcnn_score]
     filtered = {i: np.where(m == IGNORE, 0, m) for i, m in stored_label_maps(semantic, gts).items()}

@@ -1,5 +1,6 @@
 """Speed benchmarks; each writes a JSON file to benchmarks/results/ (``make bench``).
 
+- mining_vs_maskcut: the same rule vs MaskCut's normalised cuts (CutLER) on the same features;
 - mining: the vectorised MaskDistill rule (batched over images, O(N D)) against a straightforward
   per-image implementation with the N x N Gram matrix, at the paper's ViT-S/16 @ 640 geometry;
 - kmeans: scikit-learn MiniBatchKMeans vs faiss on whitened CLS features (the choice in ``cluster.algorithm``);
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from benchmarks import pipeline_io
+from benchmarks.maskcut import maskcut_masks
 from benchmarks.released_mining import released_mask
 from unseg.clustering import kmeans, whiten_l2
 from unseg.mining import MiningConfig, mine_masks
@@ -69,23 +71,30 @@ def bench_mining() -> dict:
     }
 
 
-def bench_mining_vs_released() -> dict:
-    """``mine_masks`` with the released settings vs the released rule image by image (NumPy, Gram matrix,
-    scipy labelling) on the same features at the paper's geometry: equal masks, and the speed ratio."""
-    rng = np.random.default_rng(0)
-    grid, heads, dim, images = (40, 53), 6, 384, 32  # ViT-S/16 at shortest side 640 (4:3)
+def blob_features(images: int, grid=(40, 53), heads: int = 6, dim: int = 384, seed: int = 0):
+    """(B, N, H) CLS logits, (B, N, D) keys (float32) and (B, N) blobs in [0, 1] of images each holding one
+    smooth object-like blob (so the mass mask, the components and the cuts are not degenerate); default:
+    ViT-S/16 at 640 px (4:3)."""
+    rng = np.random.default_rng(seed)
     n = grid[0] * grid[1]
-    # a smooth object-like attention map, so the mass mask and components are not degenerate
     yy, xx = np.mgrid[: grid[0], : grid[1]]
-    logits, keys = [], []
+    logits, keys, blobs = [], [], []
     for _ in range(images):
-        cy, cx = rng.uniform(8, 32), rng.uniform(8, 45)
+        cy, cx = rng.uniform(8, grid[0] - 8), rng.uniform(8, grid[1] - 8)
         blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 60.0).reshape(-1)
         logits.append(blob[:, None] * 5 + rng.normal(0, 0.3, (n, heads)))
         direction = rng.normal(size=dim)
         keys.append(np.outer(blob - 0.3, direction) + rng.normal(0, 0.5, (n, dim)))
+        blobs.append(blob)
     logits_t = torch.tensor(np.stack(logits), dtype=torch.float32)
-    keys_t = torch.tensor(np.stack(keys), dtype=torch.float32)
+    return logits_t, torch.tensor(np.stack(keys), dtype=torch.float32), np.stack(blobs)
+
+
+def bench_mining_vs_released() -> dict:
+    """``mine_masks`` with the released settings vs the released rule image by image (NumPy, Gram matrix,
+    scipy labelling) on the same features at the paper's geometry: equal masks, and the speed ratio."""
+    grid, images = (40, 53), 32
+    logits_t, keys_t, _ = blob_features(images, grid)
     cfg = MiningConfig(heads=5, cls_mass=0.5, topk_fraction=0.4, keep_component=True)
     logits_np, keys_np = logits_t.numpy(), keys_t.numpy()  # float32, as the released code computes
 
@@ -98,7 +107,7 @@ def bench_mining_vs_released() -> dict:
     theirs = reference()
     return {
         "images": images,
-        "tokens_per_image": n,
+        "tokens_per_image": grid[0] * grid[1],
         "identical_masks": int(sum(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))),
         "token_agreement": float((ours == theirs).mean()),
         "mean_mask_fraction": float(ours.mean()),
@@ -107,6 +116,37 @@ def bench_mining_vs_released() -> dict:
         "ratio": ref / vec,
         "target": 50.0,
         "meets_target": bool(ref / vec >= 50.0),
+    }
+
+
+def bench_mining_vs_maskcut() -> dict:
+    """Our mining (released settings, one mask) vs MaskCut (3 normalised cuts per image, CutLER's default)
+    on the same keys at the paper's geometry, both on this machine; MaskCut's users report 13.5 s per image
+    on a GPU (facebookresearch/CutLER #74). Also the foreground IoU of the two first masks with the blob."""
+    grid, images, cut_images = (40, 53), 32, 2
+    logits, keys, blobs = blob_features(images, grid)
+    cfg = MiningConfig(heads=5, cls_mass=0.5, topk_fraction=0.4, keep_component=True)
+    ours_s = timed(lambda: mine_masks(logits, keys, grid, cfg), repeat=3) / images
+    start = time.perf_counter()
+    cuts = [maskcut_masks(keys[i].numpy().astype(np.float64), grid) for i in range(cut_images)]
+    cut_s = (time.perf_counter() - start) / cut_images
+    ours = mine_masks(logits[:cut_images], keys[:cut_images], grid, cfg).mask.numpy().reshape(cut_images, *grid)
+    blob = blobs[:cut_images].reshape(cut_images, *grid) > 0.5  # the object: above half its peak
+
+    def iou(a, b):
+        return float((a & b).sum() / max((a | b).sum(), 1))
+
+    return {
+        "tokens_per_image": grid[0] * grid[1],
+        "mining_s_per_image": ours_s,
+        "maskcut_s_per_image": cut_s,
+        "maskcut_masks_per_image": 3,
+        "maskcut_reported_s_per_image_gpu": 13.5,
+        "mining_blob_iou": float(np.mean([iou(o, b) for o, b in zip(ours, blob, strict=True)])),
+        "maskcut_first_mask_blob_iou": float(np.mean([iou(c[0], b) for c, b in zip(cuts, blob, strict=True)])),
+        "ratio": cut_s / ours_s,
+        "target": 100.0,
+        "meets_target": bool(cut_s / ours_s >= 100.0),
     }
 
 
@@ -174,6 +214,7 @@ def main() -> None:
     benches = {
         "mining": bench_mining,
         "mining_vs_released": bench_mining_vs_released,
+        "mining_vs_maskcut": bench_mining_vs_maskcut,
         "kmeans": bench_kmeans,
         "extraction": bench_extraction,
         "extraction_vs_bare": bench_extraction_vs_bare,

@@ -69,26 +69,27 @@ def _on_model_grid(token_mask: np.ndarray, geom: Geometry, patch: int) -> tuple[
 
 def mask_input(
     image: np.ndarray, token_mask: np.ndarray, geom: Geometry, mode: str, patch: int, upsample: str = "nearest"
-) -> tuple[torch.Tensor | None, np.ndarray]:
-    """The clustering ViT's input for one mined mask, and the mask at the original resolution.
+) -> tuple[torch.Tensor | None, np.ndarray, np.ndarray | None]:
+    """The clustering ViT's input for one mined mask, the mask at the original resolution, and the mask
+    on the clustering ViT's token grid (None for ``bbox_crop``, whose input is not that grid).
 
     ``token_mask`` lives on the mining grid ``geom``; ``patch`` is the clustering ViT's patch size
     (the paper clusters with ViT-S/8 masks mined with ViT-S/16: the mask is then re-tokenised).
     ``masked``: the image with the pixels outside the mask zeroed; ``bbox_crop``: the mask's box at
     native resolution; ``patch_mean``: the whole image (the mask weighs its tokens, :func:`mask_features`).
-    Returns (None, empty mask) when the mask is empty.
+    Returns (None, empty mask, None) when the mask is empty.
     """
     pixel_mask = token_mask_to_pixels(token_mask, geom, upsample)
     if not pixel_mask.any():
-        return None, pixel_mask
+        return None, pixel_mask, None
     if mode == "bbox_crop":
-        return bbox_crop_input(image, pixel_mask, patch), pixel_mask
+        return bbox_crop_input(image, pixel_mask, patch), pixel_mask, None
     if mode not in ("masked", "patch_mean"):
         raise ValueError(f"unknown cluster input {mode!r}")
     token_mask, grid = _on_model_grid(token_mask, geom, patch)
     if mode == "patch_mean":
-        return vit_input(image, grid), pixel_mask
-    return masked_input(image, token_mask, grid), pixel_mask
+        return vit_input(image, grid), pixel_mask, token_mask
+    return masked_input(image, token_mask, grid), pixel_mask, token_mask
 
 
 def cluster_features(
@@ -195,14 +196,14 @@ def mask_features(
             weights.clear()
 
     for image_id, image, token_mask, geom in items:
-        x, pixel_mask = mask_input(image, token_mask, geom, mode, patch, upsample)
+        x, pixel_mask, model_mask = mask_input(image, token_mask, geom, mode, patch, upsample)
         if x is None:
             continue
         if pending and (x.shape != pending[0].shape or len(pending) == batch_size):
             flush()
         pending.append(x)
         if mode == "patch_mean":
-            weights.append(torch.from_numpy(_on_model_grid(token_mask, geom, patch)[0].reshape(-1).astype(np.float32)))
+            weights.append(torch.from_numpy(model_mask.reshape(-1).astype(np.float32)))
         anns.append(coco.annotation(len(anns) + 1, image_id, 0, pixel_mask))
     flush()
     dim = int(model.embed_dim)

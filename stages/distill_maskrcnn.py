@@ -4,10 +4,12 @@ Reads: params ``distill``; the image index and ``<pseudo_labels>/instances.json`
 Writes ``<out>/model.pt`` and ``<out>/predictions.json`` (COCO results: RLE masks at the original
 resolution, scores, ``category_id`` = pseudo-label category). Scratch: ``--ckpt`` (resumable,
 guarded by a params digest). Backend: torchvision (default) or detectron2 (the paper's R50-C4).
+``distill.backbone_weights: hsg`` initialises the backbone from ``--hsg`` (pretrain_hsg's ResNet trunk).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from unseg.distill.trainer import MaskRCNNTraining, train_maskrcnn
 from unseg.errors import UserError
 from unseg.launch import relaunch_under_torchrun
 from unseg.models.checkpoint import save_checkpoint
+from unseg.models.resnet import resolve_backbone_weights
 from unseg.params import config_from
 from unseg.progress import progress
 from unseg.train import harness as H
@@ -39,7 +42,9 @@ def main(args, params) -> None:
     paths = {e.id: e.file for e in index.images}
     device = H.resolve_device(d.device)
     args.out.mkdir(parents=True, exist_ok=True)
-    digest = training_digest(d, args.pseudo_labels / "instances.json", train_ids)
+    weights = resolve_backbone_weights(d.backbone_weights, args.hsg, "distill.backbone_weights")
+    digest = training_digest(d, args.pseudo_labels / "instances.json", train_ids, weights)
+    d = dataclasses.replace(d, backbone_weights=weights)  # hsg -> the file pretrain_hsg wrote
     if d.backend == "detectron2":
         from unseg.distill.detectron2_backend import run_detectron2
 
@@ -76,5 +81,6 @@ if __name__ == "__main__":
     relaunch_under_torchrun("stages.distill_maskrcnn")
     ap = parser(__doc__, "index", "pseudo_labels", "out")
     ap.add_argument("--ckpt", type=Path, default=Path("artifacts/scratch/maskrcnn"))
+    ap.add_argument("--hsg", type=Path, default=Path("artifacts/hsg/resnet.pth"), help="backbone_weights: hsg")
     ap.add_argument("--log", type=Path, default=Path("artifacts/plots/maskrcnn_loss.csv"))
     run_stage("distill_maskrcnn", main, ap)

@@ -4,7 +4,10 @@ Reads: params ``hsg``; the image index (training split). Writes ``<out>``: the R
 names (``state_dict``, what ``distill.backbone_weights`` / ``deeplab.backbone_weights`` load), the embedding
 head, the clustering transformers and ``meta`` (params digest). Scratch: ``<ckpt>`` (resumable checkpoints
 guarded by the digest, and the cached superpixels of every image) and the loss log, copied to ``<log>``.
-``hsg.reuse``: a checkpoint written by this stage with the same digest is used as is. Runs under torchrun.
+``hsg.reuse``: a checkpoint written by this stage with the same digest is used as is. ``hsg.train: auto``
+trains only when ``distill.backbone_weights`` or ``deeplab.backbone_weights`` is ``hsg``; otherwise ``<out>``
+is a placeholder without weights (its bytes never change, so Mask R-CNN and DeepLab, which depend on it,
+stay cached when HSG params change). Runs under torchrun.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from unseg.hsg.objective import HSGConfig
 from unseg.hsg.trainer import HSGTraining, build_models, export_state, train_hsg
 from unseg.launch import relaunch_under_torchrun
 from unseg.models.checkpoint import save_checkpoint
+from unseg.models.resnet import HSG_WEIGHTS
 from unseg.params import config_from
 from unseg.pretrain.reuse import reuse_checkpoint
 from unseg.train import harness as H
 
-RUNTIME = {"reuse", "device", "workers", "ckpt_every"}
+RUNTIME = {"reuse", "train", "device", "workers", "ckpt_every"}
+PLACEHOLDER = {"meta": {"trained": False}}  # what Mask R-CNN and DeepLab refuse to load as weights
 
 
 def main(args, params) -> None:
@@ -35,6 +40,12 @@ def main(args, params) -> None:
     trained = {k: v for k, v in vars(h).items() if k not in RUNTIME}
     digest = H.params_digest(trained, [H.file_digest(e.file) for e in entries])
     args.log.parent.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if h.train == "auto" and HSG_WEIGHTS not in (params.distill.backbone_weights, params.deeplab.backbone_weights):
+        save_checkpoint(PLACEHOLDER, args.out)
+        args.log.write_text("step,loss\n")
+        log("pretrain_hsg", "no backbone_weights is hsg (hsg.train: auto): nothing trained, a placeholder written")
+        return
     if h.reuse and reuse_checkpoint(h.reuse, digest, args.out, lambda m: log("pretrain_hsg", m), "hsg.reuse"):
         args.log.write_text("step,loss\n")
         log("pretrain_hsg", f"hsg.reuse: {h.reuse} was trained with these exact params and data; used as is")

@@ -3,6 +3,7 @@
 Reads: params ``deeplab``; the index, ``<pseudo_labels>/instances.json`` (number of clusters k) and
 ``semantic.zarr`` (labels 0..k, training split). Writes ``<out>/model.pt`` and
 ``<out>/predictions.zarr`` (argmax map of every image at its original resolution, uint8).
+``deeplab.backbone_weights: hsg`` initialises the backbone from ``--hsg`` (pretrain_hsg's ResNet trunk).
 The model of the last epoch is kept; ``deeplab.select_best_on_val`` (reproduction only: it uses
 ground-truth labels) keeps the epoch with the best validation mIoU instead, like the released code.
 """
@@ -31,6 +32,7 @@ from unseg.deeplab import (
 from unseg.errors import UserError
 from unseg.launch import relaunch_under_torchrun
 from unseg.models.checkpoint import read_checkpoint, save_checkpoint
+from unseg.models.resnet import resolve_backbone_weights
 from unseg.params import config_from
 from unseg.train import harness as H
 
@@ -47,7 +49,8 @@ def main(args, params) -> None:
     device = H.resolve_device(p.device)
     info = H.setup_distributed(device)
     torch.manual_seed(p.seed)
-    model = build_deeplab(k + 1, backbone_weights=p.backbone_weights, **architecture_of(p))
+    weights = resolve_backbone_weights(p.backbone_weights, args.hsg, "deeplab.backbone_weights")
+    model = build_deeplab(k + 1, backbone_weights=weights, **architecture_of(p))
     batches = SemanticBatches(
         images=lambda i: torch.from_numpy(read_image(entries[i])).permute(2, 0, 1),
         labels=lambda i: store.read_semantic_map(pseudo, row_of[entries[i].id]),
@@ -55,7 +58,8 @@ def main(args, params) -> None:
         flip_p=p.flip_p, label_fill=p.label_fill, seed=p.seed, num_classes=k + 1,
     )  # fmt: skip
     trained = {key: v for key, v in vars(p).items() if key not in {"device", "workers", "ckpt_every"}}
-    digest = H.params_digest(trained, H.file_digest(args.semantic), k, [e.id for e in entries])
+    init = [H.file_digest(weights)] if weights else []  # from scratch: the digest of earlier versions
+    digest = H.params_digest(trained, H.file_digest(args.semantic), k, [e.id for e in entries], *init)
     ckpt = H.CheckpointDir(args.ckpt, digest, info.is_main)
     best_file = ckpt.path / "best.pt"  # in the digest-guarded folder, so it survives an interruption
     on_epoch_end = None
@@ -86,5 +90,6 @@ if __name__ == "__main__":
     relaunch_under_torchrun("stages.train_deeplab")
     ap = parser(__doc__, "index", "pseudo_labels", "semantic", "out")
     ap.add_argument("--ckpt", type=Path, default=Path("artifacts/scratch/deeplab"))
+    ap.add_argument("--hsg", type=Path, default=Path("artifacts/hsg/resnet.pth"), help="backbone_weights: hsg")
     ap.add_argument("--log", type=Path, default=Path("artifacts/plots/deeplab_loss.csv"))
     run_stage("train_deeplab", main, ap)

@@ -237,3 +237,24 @@ def _fit_stripes(decoder_channels):
 def test_decoder_resolves_what_stride_16_cannot():
     assert _fit_stripes(16) > 0.95
     assert _fit_stripes(None) < 0.8  # bilinear logits from a 4 x 4 grid cannot draw 16 stripes
+
+
+def test_linear_protocol_features_batched_equal_one_image_at_a_time():
+    from unseg.deeplab import deeplab_features
+
+    torch.manual_seed(0)
+    model = build_deeplab(3, backbone="resnet18", output_stride=16, freeze_blocks=0, decoder_channels=16).eval()
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((40, 56), (64, 48), (48, 48))]
+    batched = deeplab_features(model, images, torch.device("cpu"), input_size=64)  # one batch of three
+    for i, image in enumerate(images):
+        x = torch.nn.functional.interpolate(
+            image.float()[None] / 255, size=(64, 64), mode="bilinear", align_corners=False, antialias=True
+        )
+        with torch.no_grad():
+            backbone = model.backbone((x - model.mean) / model.std)["out"][0]
+            head = model.classifier_input(x)[0]
+        assert batched["backbone"][i].shape == (512, 4, 4) and batched["head"][i].shape == (16, 16, 16)
+        torch.testing.assert_close(batched["backbone"][i], backbone, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(batched["head"][i], head, rtol=1e-4, atol=1e-5)
+    sizes = deeplab_features(model, images, torch.device("cpu"), kinds=("backbone",))  # own sizes: one at a time
+    assert set(sizes) == {"backbone"} and [f.shape[-2:] for f in sizes["backbone"]] == [(3, 4), (4, 3), (3, 3)]

@@ -189,7 +189,8 @@ def test_pretrain_hsg_stage_trains_resumes_and_its_resnet_loads_into_deeplab(tmp
 
     from stages.prepare import generate
     from unseg.deeplab import build_deeplab
-    from unseg.models.resnet import create_resnet, load_resnet_weights
+    from unseg.errors import UserError
+    from unseg.models.resnet import create_resnet, load_resnet_weights, resolve_backbone_weights
     from unseg.params import parse_params
 
     root = Path(__file__).resolve().parents[1]
@@ -204,6 +205,16 @@ def test_pretrain_hsg_stage_trains_resumes_and_its_resnet_loads_into_deeplab(tmp
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "stages.pretrain_hsg", "prepared/index.json", "hsg.pth", "--ckpt", "scratch",
            "--log", "loss.csv"]  # fmt: skip
+    unused = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)  # hsg.train: auto
+    assert unused.returncode == 0 and "nothing trained, a placeholder written" in unused.stderr, unused.stderr[-3000:]
+    assert not (tmp_path / "scratch").exists()
+    with pytest.raises(UserError, match="deeplab.backbone_weights: hsg, but hsg.pth holds no trained HSG weights"):
+        resolve_backbone_weights("hsg", tmp_path / "hsg.pth", "deeplab.backbone_weights")
+    evaluate = [sys.executable, "-m", "stages.evaluate_hsg", "prepared/index.json", "hsg.pth", "hsg.json", "h.png"]
+    refused = subprocess.run(evaluate, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and "set hsg.train: always" in refused.stderr and "Traceback" not in refused.stderr
+    raw["deeplab"] = {"backbone_weights": "hsg"}  # a consumer: pretrain_hsg trains
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
     rows = (tmp_path / "loss.csv").read_text().splitlines()
@@ -215,8 +226,10 @@ def test_pretrain_hsg_stage_trains_resumes_and_its_resnet_loads_into_deeplab(tmp
     assert ckpt["meta"]["steps"] == 4 and {"embedding_head", "transformers"} <= set(ckpt)
     report = load_resnet_weights(create_resnet("resnet18"), tmp_path / "hsg.pth")  # strict: every trunk tensor
     assert len(report.loaded) > 100
+    key = "deeplab.backbone_weights"
+    assert resolve_backbone_weights("hsg", tmp_path / "hsg.pth", key) == str(tmp_path / "hsg.pth")
+    assert resolve_backbone_weights(None, tmp_path / "hsg.pth", key) is None
     build_deeplab(3, "resnet18", 16, [12, 24, 36], 0, str(tmp_path / "hsg.pth"))  # the backbone_weights path
-    evaluate = [sys.executable, "-m", "stages.evaluate_hsg", "prepared/index.json", "hsg.pth", "hsg.json", "h.png"]
     done = subprocess.run(evaluate, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     import json
@@ -251,7 +264,7 @@ def test_pretrain_hsg_under_torchrun_runs_both_stages(tmp_path):
     raw = {
         "data": {"n_train": 6, "n_val": 2, "min_side": 64, "max_side": 80},
         "hsg": {"steps": 4, "stage1_steps": 2, "batch_size": 2, "crop_size": 64, "dim": 16, "fine_groups": 3,
-                "coarse_groups": 2, "kmeans_grid": [2, 2], "kmeans_iters": 2, "warmup_steps": 1},
+                "coarse_groups": 2, "kmeans_grid": [2, 2], "kmeans_iters": 2, "warmup_steps": 1, "train": "always"},
     }  # fmt: skip
     generate(parse_params(raw).data, tmp_path / "prepared").save(tmp_path / "prepared/index.json")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))

@@ -30,6 +30,18 @@ MICRO = {
     "distill": {"steps": 3, "lr_steps": [2], "warmup_steps": 1, "batch_size": 2, "ckpt_every": 2},
     "deeplab": {"epochs": 1, "batch_size": 8, "crop_size": 64},
     "evaluate": {"raw_kmeans_pixels": 5000, "probe_epochs": 2},
+    "hsg": {
+        "steps": 2,
+        "stage1_steps": 1,
+        "batch_size": 2,
+        "crop_size": 64,
+        "dim": 16,
+        "fine_groups": 3,
+        "coarse_groups": 2,
+        "kmeans_grid": [2, 2],
+        "kmeans_iters": 2,
+        "warmup_steps": 1,
+    },
 }
 STAGES = [
     "prepare",
@@ -37,6 +49,7 @@ STAGES = [
     "extract_features",
     "mine_masks",
     "pseudo_label",
+    "pretrain_hsg",
     "distill_maskrcnn",
     "filter_confident",
     "train_deeplab",
@@ -185,6 +198,24 @@ def test_the_ceiling_pipeline_trains_the_same_networks_on_ground_truth(micro_rep
     gt = json.loads((micro_repo / "artifacts/ceiling/gt/instances.json").read_text())
     assert len(gt["images"]) == 16 and len(gt["categories"]) == 4  # the generated classes, not the 3 clusters
     # the label-free pipeline is untouched: nothing of the root dvc.yaml reruns
+    assert stale(micro_repo) == {}
+
+
+@pytest.mark.slow
+def test_hsg_params_rerun_pretrain_hsg_and_its_consumers_never_the_vit_branch(micro_repo):
+    """No backbone_weights is hsg: a changed HSG param reruns pretrain_hsg alone (its placeholder output keeps
+    its bytes). deeplab.backbone_weights: hsg: HSG trains and DeepLab retrains on it; the ViT branch and Mask
+    R-CNN stay cached."""
+    params = yaml.safe_load((micro_repo / "params.yaml").read_text())
+    params["hsg"]["steps"] = 3
+    (micro_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert stages_run(run([sys.executable, "-m", "dvc", "repro"], micro_repo, timeout=600)) == {"pretrain_hsg"}
+    params["deeplab"]["backbone_weights"] = "hsg"
+    (micro_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([sys.executable, "-m", "dvc", "repro"], micro_repo, timeout=600)
+    ran = stages_run(out)
+    assert {"pretrain_hsg", "train_deeplab"} <= ran <= {"pretrain_hsg", "train_deeplab", "evaluate", "health"}
+    assert len((micro_repo / "artifacts/plots/hsg_loss.csv").read_text().splitlines()) == 1 + 3  # header, 3 steps
     assert stale(micro_repo) == {}
 
 

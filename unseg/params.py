@@ -167,10 +167,10 @@ class Distill:
     fpn: bool = p(True)  # FPN; false = C4 (the paper's R50-C4)
     backbone_weights: str | None = p(None)  # local torchvision / MoCo checkpoint; null = from scratch
     trainable_layers: int = p(5, lo=0, hi=5)  # 5: all trainable; 3 = stem and layer1 frozen ("first two stages")
-    steps: int = p(450, lo=1)
+    steps: int = p(300, lo=1)
     batch_size: int = p(4, lo=1)
     lr: float = p(0.01, lo=0, lo_open=True)
-    lr_steps: list[int] = p([360, 420])
+    lr_steps: list[int] = p([240, 280])
     warmup_steps: int = p(50, lo=0)
     momentum: float = p(0.9, lo=0, hi=1)
     weight_decay: float = p(1e-4, lo=0)
@@ -212,10 +212,10 @@ class Deeplab:
     decoder_channels: int | None = p(64, lo=1)  # extension: DeepLab-v3+ decoder on layer1 (null: v3, the paper)
     freeze_blocks: int = p(0, lo=0, hi=4)  # stem+layer1 (1), +layer2 (2), ...
     backbone_weights: str | None = p(None)
-    epochs: int = p(10, lo=1)
+    epochs: int = p(7, lo=1)
     batch_size: int = p(8, lo=1)
     lr: float = p(0.02, lo=0, lo_open=True)
-    lr_step_epochs: list[int] = p([8])
+    lr_step_epochs: list[int] = p([6])
     gamma: float = p(0.1, lo=0, hi=1)
     momentum: float = p(0.9, lo=0, hi=1)
     weight_decay: float = p(1e-4, lo=0)
@@ -237,8 +237,9 @@ class Deeplab:
 
 
 @dataclass(frozen=True)
-class Hsg:  # pretrain_hsg (hsg/dvc.yaml): HSG (Ke et al. 2022); released values in configs/paper.yaml
+class Hsg:  # pretrain_hsg: HSG (Ke et al. 2022); released values in configs/paper.yaml
     reuse: str | None = p(None)  # a checkpoint this stage wrote with exactly these params and images
+    train: str = p("auto", choices=("auto", "always"))  # auto: only when a backbone_weights is hsg
     backbone: str = p("resnet18", choices=("resnet18", "resnet34", "resnet50", "resnet101"))
     dim: int = p(128, lo=8)  # pixel embedding dimension
     output_stride: int = p(16, choices=(8, 16, 32))  # released: 16 in training

@@ -15,10 +15,12 @@ from unseg.train import harness as H
 PREDICT_ONLY = {"test_size", "detections_per_image", "score_threshold", "device", "workers", "ckpt_every"}
 
 
-def training_digest(d, pseudo_labels: Path, train_ids: set[int]) -> str:
-    """Digest of the training params, the pseudo-label file's bytes and the training image ids."""
+def training_digest(d, pseudo_labels: Path, train_ids: set[int], weights: str | None = None) -> str:
+    """Digest of the training params, the pseudo-label file's bytes, the training image ids and, when the
+    backbone starts from a checkpoint (``weights``), that file's bytes."""
     trained = {k: v for k, v in vars(d).items() if k not in PREDICT_ONLY}
-    return H.params_digest(trained, H.file_digest(pseudo_labels), sorted(train_ids))
+    init = [H.file_digest(weights)] if weights else []  # from scratch: the digest of earlier versions
+    return H.params_digest(trained, H.file_digest(pseudo_labels), sorted(train_ids), *init)
 
 
 def split_instances(pseudo: dict, image_ids: set[int]) -> dict:

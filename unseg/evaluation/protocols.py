@@ -73,11 +73,17 @@ def crf_label_maps(model, entries: Sequence[ImageEntry], device, input_size: int
     return maps
 
 
-def deeplab_feature_list(model, entries: Sequence[ImageEntry], device, where: str, input_size: int) -> list:
-    return [
-        deeplab_features(model, _image_tensor(e), device, where, input_size)
-        for e in progress(entries, desc=f"linear:{where}")
-    ]
+def deeplab_feature_lists(
+    model, entries: Sequence[ImageEntry], device, input_size: int, kinds=("backbone", "head"), batch_size: int = 16
+) -> dict[str, list]:
+    """:func:`unseg.deeplab.deeplab_features` of every entry, ``batch_size`` images at a time."""
+    out: dict[str, list] = {kind: [] for kind in kinds}
+    chunks = [entries[i : i + batch_size] for i in range(0, len(entries), batch_size)]
+    for chunk in progress(chunks, desc="linear features"):
+        feats = deeplab_features(model, [_image_tensor(e) for e in chunk], device, input_size, kinds)
+        for kind in kinds:
+            out[kind].extend(feats[kind])
+    return out
 
 
 def linear_protocols(
@@ -95,16 +101,26 @@ def linear_protocols(
 ) -> dict:
     """The paper's probe on frozen DeepLab backbone features (App. A.2), and the released protocol that
     re-fits only DeepLab's last 1x1 conv (``linear_finetune.py``); both trained with ground truth, on the
-    training images whose features fit in ``cfg.memory_mb`` (all of them when they do)."""
+    training images whose features fit in ``cfg.memory_mb`` (all of them when they do). When both kinds of
+    features of every training image fit together, one feature pass serves both protocols."""
+    first = deeplab_feature_lists(model, train[:1], device, input_size)
+    area = train[0].height * train[0].width
+    per_pixel = {kind: f[0].numel() * f[0].element_size() / area for kind, f in first.items()}
+    pixels, budget = [e.height * e.width for e in train], cfg.memory_mb * 2**20
+    joint = sum(per_pixel.values()) * sum(pixels) <= budget
+    if joint:
+        train_f, val_f = (deeplab_feature_lists(model, entries, device, input_size) for entries in (train, val))
     out = {}
     for where, name in (("backbone", "probe_backbone"), ("head", "refit_last_conv")):
-        first = deeplab_feature_list(model, train[:1], device, where, input_size)[0]
-        per_pixel = first.numel() * first.element_size() / (train[0].height * train[0].width)
-        keep = images_within_budget([e.height * e.width for e in train], per_pixel, cfg.memory_mb * 2**20, cfg.seed)
-        if len(keep) < len(train):
-            log(f"linear:{where}: features of {len(keep)} of {len(train)} training images fit")
+        keep = list(range(len(train)))
+        if not joint:
+            keep = images_within_budget(pixels, per_pixel[where], budget, cfg.seed)
+            if len(keep) < len(train):
+                log(f"linear:{where}: features of {len(keep)} of {len(train)} training images fit")
+            kept = [train[i] for i in keep]
+            train_f, val_f = (deeplab_feature_lists(model, x, device, input_size, (where,)) for x in (kept, val))
         conv = train_linear_probe(
-            deeplab_feature_list(model, [train[i] for i in keep], device, where, input_size),
+            train_f[where],
             [train_gts[i] for i in keep],
             n_classes,
             epochs=cfg.epochs,
@@ -113,8 +129,7 @@ def linear_protocols(
             seed=cfg.seed,
             device=str(device),
         )
-        val_f = deeplab_feature_list(model, val, device, where, input_size)
-        preds = [predict_probe(conv, f, g.shape) for f, g in zip(val_f, val_gts, strict=True)]
+        preds = [predict_probe(conv, f, g.shape) for f, g in zip(val_f[where], val_gts, strict=True)]
         row = score_label_maps(zip(preds, val_gts, strict=True), n_classes, n_classes, ignore)
         out[name] = {"miou": row["miou"], "pixel_accuracy": row["pixel_accuracy"]}
     return out

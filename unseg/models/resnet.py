@@ -182,3 +182,17 @@ def load_resnet_weights(model: nn.Module, path: str | Path, strict: bool = True)
         raise UserError(f"{path}: the checkpoint lacks {len(missing)} backbone tensors, e.g. {missing[:3]}")
     model.load_state_dict(state, strict=False)
     return LoadReport(path=str(path), prefix=prefix, loaded=list(state), missing=missing, dropped=dropped)
+
+
+HSG_WEIGHTS = "hsg"  # a ``backbone_weights`` value: the ResNet trunk that the pretrain_hsg stage wrote
+
+
+def resolve_backbone_weights(value: str | None, hsg_weights: str | Path, key: str) -> str | None:
+    """The checkpoint a ``backbone_weights`` param names: ``hsg`` -> ``hsg_weights`` (pretrain_hsg's output,
+    which must hold trained weights), any other path as is, null -> None (from scratch)."""
+    if value != HSG_WEIGHTS:
+        return value
+    state = read_checkpoint(hsg_weights, "HSG weights")
+    if "state_dict" not in state:
+        raise UserError(f"{key}: hsg, but {hsg_weights} holds no trained HSG weights: rerun pretrain_hsg (dvc repro)")
+    return str(hsg_weights)

@@ -42,6 +42,7 @@ def main(args, params) -> None:
     args.log.parent.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if h.train == "auto" and HSG_WEIGHTS not in (params.distill.backbone_weights, params.deeplab.backbone_weights):
+        args.ckpt.mkdir(parents=True, exist_ok=True)  # a declared output, even when empty
         save_checkpoint(PLACEHOLDER, args.out)
         args.log.write_text("step,loss\n")
         log("pretrain_hsg", "no backbone_weights is hsg (hsg.train: auto): nothing trained, a placeholder written")

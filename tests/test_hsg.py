@@ -208,7 +208,7 @@ def test_pretrain_hsg_stage_trains_resumes_and_its_resnet_loads_into_deeplab(tmp
     unused = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)  # hsg.train: auto
     assert unused.returncode == 0 and "nothing trained, a placeholder written" in unused.stderr, unused.stderr[-3000:]
     assert not list((tmp_path / "scratch").iterdir())  # created empty (a DVC output), nothing trained
-    with pytest.raises(UserError, match="deeplab.backbone_weights: hsg, but hsg.pth holds no trained HSG weights"):
+    with pytest.raises(UserError, match="deeplab.backbone_weights: hsg, but .*hsg.pth holds no trained HSG weights"):
         resolve_backbone_weights("hsg", tmp_path / "hsg.pth", "deeplab.backbone_weights")
     evaluate = [sys.executable, "-m", "stages.evaluate_hsg", "prepared/index.json", "hsg.pth", "hsg.json", "h.png"]
     refused = subprocess.run(evaluate, cwd=tmp_path, env=env, capture_output=True, text=True)

@@ -204,17 +204,22 @@ def test_the_ceiling_pipeline_trains_the_same_networks_on_ground_truth(micro_rep
 @pytest.mark.slow
 def test_hsg_params_rerun_pretrain_hsg_and_its_consumers_never_the_vit_branch(micro_repo):
     """No backbone_weights is hsg: a changed HSG param reruns pretrain_hsg alone (its placeholder output keeps
-    its bytes). deeplab.backbone_weights: hsg: HSG trains and DeepLab retrains on it; the ViT branch and Mask
-    R-CNN stay cached."""
+    its bytes). deeplab.backbone_weights: hsg: HSG trains and DeepLab retrains on it; the ViT branch stays
+    cached, and Mask R-CNN (it depends on the file, but starts from scratch) resumes from its final
+    checkpoint and writes the same predictions."""
     params = yaml.safe_load((micro_repo / "params.yaml").read_text())
     params["hsg"]["steps"] = 3
     (micro_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert stages_run(run([sys.executable, "-m", "dvc", "repro"], micro_repo, timeout=600)) == {"pretrain_hsg"}
     params["deeplab"]["backbone_weights"] = "hsg"
     (micro_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    predictions = micro_repo / "artifacts/maskrcnn/predictions.json"
+    before = predictions.read_bytes()
     out = run([sys.executable, "-m", "dvc", "repro"], micro_repo, timeout=600)
     ran = stages_run(out)
-    assert {"pretrain_hsg", "train_deeplab"} <= ran <= {"pretrain_hsg", "train_deeplab", "evaluate", "health"}
+    consumers = {"pretrain_hsg", "distill_maskrcnn", "train_deeplab", "evaluate", "health"}
+    assert {"pretrain_hsg", "train_deeplab"} <= ran <= consumers
+    assert predictions.read_bytes() == before
     assert len((micro_repo / "artifacts/plots/hsg_loss.csv").read_text().splitlines()) == 1 + 3  # header, 3 steps
     assert stale(micro_repo) == {}
 

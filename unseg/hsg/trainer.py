@@ -146,7 +146,8 @@ def train_hsg(
         out["loss"].backward()
         H.average_gradients([fine, coarse])
         opt.step()
-        values = {"loss": float(out["loss"])} | {k: float(v) for k, v in out.items() if k != "loss"}
+        logged = {"loss": out["loss"], **out}  # loss first: the log's column order
+        values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logged.items()}
         return values | {"lr": opt.param_groups[0]["lr"]}
 
     return H.train_loop(

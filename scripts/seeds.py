@@ -2,15 +2,11 @@
 
     python scripts/seeds.py run [--seeds 0 1 2] [--ceiling]   # one DVC experiment per seed
     python scripts/seeds.py collect [--seeds 0 1 2] [--ceiling]  # seeds.json and seeds.md
-    python scripts/seeds.py run --name tau09 -S filter.tau=0.9   # a variant, over the same seeds
-    python scripts/seeds.py collect --name tau09 --out artifacts/metrics/variants/tau09 \
-        --ceiling-json artifacts/metrics/ceiling.json
 
 ``run`` runs ``dvc exp run --temp -n seed-<s> -S cluster.seed=<s> -S distill.seed=<s> -S deeplab.seed=<s>``
-for each seed, one after the other: the root pipeline, plus the supervised ceiling of ``ceiling/dvc.yaml``
-with ``--ceiling``. ``--name N`` names them ``N-seed-<s>`` and each ``-S key=value`` adds a variant's param.
-Each experiment is a full, honest run in its own temporary copy of the project; stages that no seed
-touches (the committed backbone, features, masks) are unchanged there and skipped,
+for each seed, one after the other (the root pipeline, plus the supervised ceiling of ``ceiling/dvc.yaml``
+with ``--ceiling``). Each experiment is a full, honest run in its own temporary copy of the project;
+stages that no seed touches (the committed backbone, features, masks) are unchanged there and skipped,
 and a seed equal to the workspace's params is the workspace run itself. Without ``--ceiling`` the
 supervised ceiling is the workspace's one run (``make ceiling``), reported with n = 1. ``collect`` reads the
 experiments' metrics from ``dvc exp show --json --all-commits`` and writes ``artifacts/metrics/seeds.json`` and
@@ -38,19 +34,14 @@ def dvc(*args: str, capture: bool = False) -> str:
     return proc.stdout if capture else ""
 
 
-def experiment_name(name: str | None, seed: int) -> str:
-    return f"{name}-seed-{seed}" if name else f"seed-{seed}"
-
-
-def run(seeds: list[int], ceiling: bool, name: str | None = None, variant: list[str] = ()) -> None:
+def run(seeds: list[int], ceiling: bool) -> None:
     targets = ["dvc.yaml", "ceiling/dvc.yaml"] if ceiling else ["dvc.yaml"]
     for s in seeds:
-        sets = [arg for key in SEEDED for arg in ("-S", f"{key}={s}")] + [a for kv in variant for a in ("-S", kv)]
-        exp = experiment_name(name, s)
-        subprocess.run([sys.executable, "-m", "dvc", "exp", "remove", exp], capture_output=True)
-        print(f"seeds: experiment {exp}", flush=True)
+        sets = [arg for key in SEEDED for arg in ("-S", f"{key}={s}")]
+        subprocess.run([sys.executable, "-m", "dvc", "exp", "remove", f"seed-{s}"], capture_output=True)
+        print(f"seeds: experiment seed-{s}", flush=True)
         # the resumable training dirs are untracked (persist, cache: false): copied so unchanged stages skip
-        dvc("exp", "run", "--temp", "-n", exp, "-C", "artifacts/scratch", *sets, *targets)
+        dvc("exp", "run", "--temp", "-n", f"seed-{s}", "-C", "artifacts/scratch", *sets, *targets)
 
 
 def experiment_metrics(shown, names: set[str]) -> dict[str, dict]:
@@ -76,20 +67,18 @@ def experiment_metrics(shown, names: set[str]) -> dict[str, dict]:
     return found
 
 
-def collect(
-    seeds: list[int], out: Path, ceiling: bool, name: str | None = None, ceiling_json: Path | None = None
-) -> None:
-    names = {experiment_name(name, s) for s in seeds}
+def collect(seeds: list[int], out: Path, ceiling: bool) -> None:
+    names = {f"seed-{s}" for s in seeds}
     runs = experiment_metrics(json.loads(dvc("exp", "show", "--json", "--all-commits", capture=True)), names)
     missing = sorted(names - set(runs))
     if missing:
         sys.exit(f"seeds: no finished experiment named {', '.join(missing)} (run: python scripts/seeds.py run)")
-    per_seed = [runs[experiment_name(name, s)] for s in seeds]
+    per_seed = [runs[f"seed-{s}"] for s in seeds]
     if not ceiling:  # the experiments only carry the committed ceiling.json: count it once, not once per seed
         for run_metrics in per_seed:
             run_metrics.pop("ceiling", None)
     agg = aggregate(per_seed)
-    workspace_ceiling = ceiling_json or out / "ceiling.json"
+    workspace_ceiling = out / "ceiling.json"
     if not ceiling and workspace_ceiling.is_file():
         agg.update(aggregate([{"ceiling": json.loads(workspace_ceiling.read_text())}]))
     out.mkdir(parents=True, exist_ok=True)
@@ -103,15 +92,12 @@ def main() -> None:
     ap.add_argument("command", choices=("run", "collect"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ceiling", action="store_true", help="the ceiling per seed too (default: once, make ceiling)")
-    ap.add_argument("--name", help="a variant: experiments named <name>-seed-<s> (default: seed-<s>)")
-    ap.add_argument("-S", dest="variant", action="append", default=[], metavar="KEY=VALUE", help="variant params (run)")
     ap.add_argument("--out", type=Path, default=Path("artifacts/metrics"))
-    ap.add_argument("--ceiling-json", type=Path, help="the workspace ceiling to report (default: <out>/ceiling.json)")
     args = ap.parse_args()
     if args.command == "run":
-        run(args.seeds, args.ceiling, args.name, args.variant)
+        run(args.seeds, args.ceiling)
     else:
-        collect(args.seeds, args.out, args.ceiling, args.name, args.ceiling_json)
+        collect(args.seeds, args.out, args.ceiling)
 
 
 if __name__ == "__main__":

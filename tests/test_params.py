@@ -110,3 +110,31 @@ def test_schema_defaults_are_the_tiny_profile():
         if section.name == "croc":
             want.pop("reuse"), got.pop("reuse")
         assert got == want, section.name
+
+
+def test_relative_paths_reach_the_project_from_a_dvc_experiment_copy(tmp_path, monkeypatch):
+    # `dvc exp run --temp` and queued experiments run in <project>/.dvc/tmp/exps/...: a relative data.root
+    # beside the project (../shared/data/camvid) is not in that copy, so it resolves against the project.
+    from unseg.params import experiment_workspace, load_params
+
+    project = tmp_path / "work" / "project"
+    (tmp_path / "work" / "photos").mkdir(parents=True)
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "checkpoints" / "vit.pth").write_bytes(b"")
+    copy = project / ".dvc" / "tmp" / "exps" / "standalone" / "tmpab12"
+    (copy / "checkpoints").mkdir(parents=True)
+    (copy / "checkpoints" / "vit.pth").write_bytes(b"")  # tracked files are in the copy: kept relative
+    raw = {"data": {"dataset": "folder", "root": "../photos"}, "croc": {"reuse": "checkpoints/vit.pth"}}
+    raw["hsg"] = {"reuse": "missing.pth"}
+    for where in (project, copy):
+        (where / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert experiment_workspace(copy) == project and experiment_workspace(project) is None
+
+    monkeypatch.chdir(copy)
+    p = load_params("params.yaml")
+    assert p.data.root == str(tmp_path / "work" / "photos")
+    assert p.croc.reuse == "checkpoints/vit.pth"
+    assert p.hsg.reuse == "missing.pth"  # found nowhere: left as written, for the stage's own error
+    assert p.distill.backbone_weights is None
+    monkeypatch.chdir(project)
+    assert load_params("params.yaml").data.root == "../photos"

@@ -4,11 +4,14 @@ Every stage loads the whole file through :func:`load_params` before doing any wo
 key, a wrong type or an out-of-range value anywhere stops it with one line that names the key and
 what is allowed, e.g. ``params.yaml: mining.topk_fraction = 1.5: must be in (0, 1]``.
 Keys are flat per section, so ``dvc exp run -S mining.topk_fraction=0.3`` works.
+A relative local path (``data.root``, a checkpoint) means the same folder in a DVC experiment's temporary
+copy of the project as in the project itself (:func:`resolve_local_paths`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -448,6 +451,52 @@ def config_from(cls: type, section: Any, **overrides: Any):
     return cls(**{name: getattr(section, name) for name in names if name not in overrides}, **overrides)
 
 
+LOCAL_PATHS = (
+    ("data", "root"),
+    ("backbone", "weights"),
+    ("croc", "reuse"),
+    ("cluster", "weights"),
+    ("distill", "backbone_weights"),
+    ("deeplab", "backbone_weights"),
+    ("hsg", "reuse"),
+    ("evaluate", "video_root"),
+)
+EXPERIMENT_COPIES = (".dvc", "tmp", "exps")  # DVC runs `dvc exp run --temp` and queued experiments below this
+
+
+def experiment_workspace(cwd: Path) -> Path | None:
+    """The project that ``cwd`` is a DVC experiment's temporary copy of (``<project>/.dvc/tmp/exps/...``), or None."""
+    parts = cwd.absolute().parts
+    n = len(EXPERIMENT_COPIES)
+    for i in range(len(parts) - n, 0, -1):
+        if parts[i : i + n] == EXPERIMENT_COPIES:
+            return Path(*parts[:i])
+    return None
+
+
+def resolve_local_path(value: str, cwd: Path) -> str:
+    """``value`` unchanged if it is absolute or exists below ``cwd``; else, in a DVC experiment's temporary copy,
+    the same relative path in the project it was copied from when it exists there (a folder beside the project,
+    such as ``../shared/data``, which the copy does not carry)."""
+    if os.path.isabs(value) or (cwd / value).exists():
+        return value
+    workspace = experiment_workspace(cwd)
+    if workspace is not None and (workspace / value).exists():
+        return os.path.normpath(workspace / value)
+    return value
+
+
+def resolve_local_paths(params: Params, cwd: Path) -> Params:
+    """``params`` with every path in :data:`LOCAL_PATHS` passed through :func:`resolve_local_path`."""
+    sections = {}
+    for name, key in LOCAL_PATHS:
+        section = sections.get(name, getattr(params, name))
+        value = getattr(section, key)
+        if isinstance(value, str):
+            sections[name] = dataclasses.replace(section, **{key: resolve_local_path(value, cwd)})
+    return dataclasses.replace(params, **sections)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
@@ -456,4 +505,4 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from err
-    return parse_params(raw)
+    return resolve_local_paths(parse_params(raw), Path.cwd())

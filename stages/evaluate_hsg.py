@@ -17,11 +17,10 @@ import torch
 from unseg import figures
 from unseg.cli import log, parser, run_stage, write_text
 from unseg.data.index import DatasetIndex, read_image
-from unseg.errors import UserError
 from unseg.hsg import evaluation as E
 from unseg.hsg.objective import HSGConfig
 from unseg.hsg.trainer import HSGTraining, build_models, load_exported
-from unseg.models.checkpoint import read_checkpoint
+from unseg.models.resnet import read_trained_hsg
 from unseg.params import config_from
 
 
@@ -37,10 +36,7 @@ def main(args, params) -> None:
     cfg = config_from(HSGConfig, h, kmeans_grid=tuple(h.kmeans_grid), hierarchy=True)
     n, ignore, seed = len(index.classes), index.ignore_index, params.evaluate.seed
     torch.manual_seed(seed)
-    state = read_checkpoint(args.hsg, "HSG checkpoint")
-    if "state_dict" not in state:
-        raise UserError(f"{args.hsg} holds no HSG weights (hsg.train: auto and no backbone_weights is hsg): "
-                        "set hsg.train: always")  # fmt: skip
+    state = read_trained_hsg(args.hsg, "hsg.train: auto and no backbone_weights is hsg:", "set hsg.train: always")
     nets = {"hsg": load_exported(build_models(training), state),
             "random_init": build_models(training)}  # fmt: skip
     result, shown = {}, {}

@@ -58,8 +58,7 @@ def main(args, params) -> None:
         flip_p=p.flip_p, label_fill=p.label_fill, seed=p.seed, num_classes=k + 1,
     )  # fmt: skip
     trained = {key: v for key, v in vars(p).items() if key not in {"device", "workers", "ckpt_every"}}
-    init = [H.file_digest(weights)] if weights else []  # from scratch: the digest of earlier versions
-    digest = H.params_digest(trained, H.file_digest(args.semantic), k, [e.id for e in entries], *init)
+    digest = H.params_digest(trained, H.file_digest(args.semantic), k, [e.id for e in entries], *H.init_digest(weights))
     ckpt = H.CheckpointDir(args.ckpt, digest, info.is_main)
     best_file = ckpt.path / "best.pt"  # in the digest-guarded folder, so it survives an interruption
     on_epoch_end = None

@@ -19,8 +19,7 @@ def training_digest(d, pseudo_labels: Path, train_ids: set[int], weights: str | 
     """Digest of the training params, the pseudo-label file's bytes, the training image ids and, when the
     backbone starts from a checkpoint (``weights``), that file's bytes."""
     trained = {k: v for k, v in vars(d).items() if k not in PREDICT_ONLY}
-    init = [H.file_digest(weights)] if weights else []  # from scratch: the digest of earlier versions
-    return H.params_digest(trained, H.file_digest(pseudo_labels), sorted(train_ids), *init)
+    return H.params_digest(trained, H.file_digest(pseudo_labels), sorted(train_ids), *H.init_digest(weights))
 
 
 def split_instances(pseudo: dict, image_ids: set[int]) -> dict:

@@ -192,7 +192,14 @@ def resolve_backbone_weights(value: str | None, hsg_weights: str | Path, key: st
     which must hold trained weights), any other path as is, null -> None (from scratch)."""
     if value != HSG_WEIGHTS:
         return value
-    state = read_checkpoint(hsg_weights, "HSG weights")
-    if "state_dict" not in state:
-        raise UserError(f"{key}: hsg, but {hsg_weights} holds no trained HSG weights: rerun pretrain_hsg (dvc repro)")
+    read_trained_hsg(hsg_weights, f"{key}: hsg, but", "rerun pretrain_hsg (dvc repro)")
     return str(hsg_weights)
+
+
+def read_trained_hsg(path: str | Path, who: str, remedy: str) -> dict:
+    """pretrain_hsg's checkpoint at ``path``; its weightless placeholder (``hsg.train: auto`` with no
+    ``backbone_weights: hsg``) stops with one line: ``<who> <path> holds no trained HSG weights: <remedy>``."""
+    state = read_checkpoint(path, "HSG weights")
+    if "state_dict" not in state:
+        raise UserError(f"{who} {path} holds no trained HSG weights: {remedy}")
+    return state

@@ -350,6 +350,12 @@ def params_digest(*sections: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def init_digest(weights: str | Path | None) -> list[str]:
+    """The digest of a training run's initial weights, for its params digest ([] from scratch, so the digests
+    of runs from before initial weights existed stay valid)."""
+    return [file_digest(weights)] if weights else []
+
+
 def file_digest(path: str | Path) -> str:
     """Short sha256 of a file's bytes, or of every file (names and bytes) under a folder.
 

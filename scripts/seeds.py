@@ -1,12 +1,13 @@
 """Seeded runs with DVC's own machinery: one experiment per seed, then mean ± std of every metric.
 
-    python scripts/seeds.py run [--seeds 0 1 2] [--ceiling]   # one DVC experiment per seed
+    python scripts/seeds.py run [--seeds 0 1 2] [--ceiling] [--hsg]   # one DVC experiment per seed
     python scripts/seeds.py collect [--seeds 0 1 2] [--ceiling]  # seeds.json and seeds.md
 
 ``run`` runs ``dvc exp run --temp -n seed-<s> -S cluster.seed=<s> -S distill.seed=<s> -S deeplab.seed=<s>``
 for each seed, one after the other (the root pipeline, plus the supervised ceiling of ``ceiling/dvc.yaml``
-with ``--ceiling``). Each experiment is a full, honest run in its own temporary copy of the project;
-stages that no seed touches (the committed backbone, features, masks) are unchanged there and skipped,
+with ``--ceiling``; ``evaluate_hsg`` of ``hsg/dvc.yaml`` with ``--hsg``, which seeds ``evaluate.seed`` too: the
+random-init FCN and the K-means of its levels). Each experiment is a full, honest run in its own temporary copy of
+the project; stages that no seed touches (the committed backbone, features, masks) are unchanged there and skipped,
 and a seed equal to the workspace's params is the workspace run itself. Without ``--ceiling`` the
 supervised ceiling is the workspace's one run (``make ceiling``), reported with n = 1. ``collect`` reads the
 experiments' metrics from ``dvc exp show --json --all-commits`` and writes ``artifacts/metrics/seeds.json`` and
@@ -24,7 +25,7 @@ from pathlib import Path
 from unseg.evaluation.seeds import aggregate, seeds_markdown
 
 SEEDED = ("cluster.seed", "distill.seed", "deeplab.seed")  # K-means, Mask R-CNN, DeepLab
-METRICS = ("table1", "instances", "linear", "baselines", "backbone", "ceiling")
+METRICS = ("table1", "instances", "linear", "baselines", "backbone", "ceiling", "hsg")
 
 
 def dvc(*args: str, capture: bool = False) -> str:
@@ -34,10 +35,11 @@ def dvc(*args: str, capture: bool = False) -> str:
     return proc.stdout if capture else ""
 
 
-def run(seeds: list[int], ceiling: bool) -> None:
-    targets = ["dvc.yaml", "ceiling/dvc.yaml"] if ceiling else ["dvc.yaml"]
+def run(seeds: list[int], ceiling: bool, hsg: bool) -> None:
+    targets = ["dvc.yaml", *(["ceiling/dvc.yaml"] if ceiling else []), *(["hsg/dvc.yaml"] if hsg else [])]
+    seeded = (*SEEDED, "evaluate.seed") if hsg else SEEDED
     for s in seeds:
-        sets = [arg for key in SEEDED for arg in ("-S", f"{key}={s}")]
+        sets = [arg for key in seeded for arg in ("-S", f"{key}={s}")]
         subprocess.run([sys.executable, "-m", "dvc", "exp", "remove", f"seed-{s}"], capture_output=True)
         print(f"seeds: experiment seed-{s}", flush=True)
         # the resumable training dirs are untracked (persist, cache: false): copied so unchanged stages skip
@@ -92,10 +94,11 @@ def main() -> None:
     ap.add_argument("command", choices=("run", "collect"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ceiling", action="store_true", help="the ceiling per seed too (default: once, make ceiling)")
+    ap.add_argument("--hsg", action="store_true", help="run: evaluate_hsg per seed too (evaluate.seed seeded)")
     ap.add_argument("--out", type=Path, default=Path("artifacts/metrics"))
     args = ap.parse_args()
     if args.command == "run":
-        run(args.seeds, args.ceiling)
+        run(args.seeds, args.ceiling, args.hsg)
     else:
         collect(args.seeds, args.out, args.ceiling)
 

@@ -76,3 +76,18 @@ def test_a_loss_larger_than_the_std_is_called_a_loss():
     agg = aggregate([run(0.3, 0.5, 0.40, 0.5), run(0.3, 0.5, 0.42, 0.5)])
     text = seeds_markdown(agg, [0, 1])
     assert "| 3 + confidence filter | 41.0 ± 1.4 |" in text and "-9.0 (a loss beyond the std)" in text
+
+
+def test_nested_rows_of_the_hsg_metrics_are_named_by_path_and_tabled():
+    def hsg(fine, knn):
+        return {"hsg": {"fine": {"miou": fine, "nf_covering": 0.5}, "semi_supervised_knn_miou": knn},
+                "random_init": {"fine": {"miou": 0.1, "nf_covering": None}}}  # fmt: skip
+
+    assert metric_rows("hsg", hsg(0.4, 0.3)) == {
+        "hsg": {"semi_supervised_knn_miou": 0.3},
+        "hsg / fine": {"miou": 0.4, "nf_covering": 0.5},
+        "random_init / fine": {"miou": 0.1},
+    }
+    agg = aggregate([{"hsg": hsg(0.4, 0.3)}, {"hsg": hsg(0.6, 0.5)}])
+    assert agg["hsg"]["hsg / fine"]["mean"] == pytest.approx(0.5) and agg["hsg"]["hsg / fine"]["n"] == 2
+    assert "| hsg / fine | 50.0 ± 14.1 | 50.0 ± 0.0 | – |" in seeds_markdown(agg, [0, 1])

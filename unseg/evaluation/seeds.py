@@ -21,14 +21,17 @@ def _numbers(obj: Mapping) -> dict[str, float]:
     return {k: float(v) for k, v in obj.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-def metric_rows(name: str, content: Mapping) -> dict[str, dict[str, float]]:
+def metric_rows(name: str, content: Mapping, prefix: str = "") -> dict[str, dict[str, float]]:
     """One metrics file -> {row: {metric: value}}: a file of rows (``table1.json``), or of numbers
-    (``ceiling.json``, one row named after the file); rows without numbers (notes) are dropped."""
+    (``ceiling.json``, one row named after the file); rows nested deeper are named by their path
+    (``hsg.json``: ``hsg / fine``); rows without numbers (notes) are dropped."""
     flat = _numbers(content)
-    rows = {name: flat} if flat else {}
+    rows = {name: flat} if flat and not prefix else {}
     for key, value in content.items():
-        if isinstance(value, Mapping) and _numbers(value):
-            rows[key] = _numbers(value)
+        if isinstance(value, Mapping):
+            if _numbers(value):
+                rows[prefix + key] = _numbers(value)
+            rows.update(metric_rows(name, value, f"{prefix}{key} / "))
     return rows
 
 
@@ -91,7 +94,7 @@ def _verdict(step: Mapping) -> str:
 
 def seeds_markdown(agg: Mapping, seeds: Sequence[int]) -> str:
     """The seeded Table 1 (mIoU, pixel accuracy, object precision, % of the DeepLab ceiling, gain over the row above),
-    the ceiling, mask AP, the linear protocols, the baselines and the backbone protocols."""
+    the ceiling, mask AP, the linear protocols, the baselines, the backbone protocols and the HSG levels."""
     table1, ceiling = agg.get("table1", {}), agg.get("ceiling", {}).get("ceiling", {})
     ceiling_miou = ceiling.get("deeplab_miou", {}).get("mean")
     gains = {g["to"]: g for g in steps_that_earn_their_row(table1)}
@@ -130,11 +133,11 @@ def seeds_markdown(agg: Mapping, seeds: Sequence[int]) -> str:
             for m, s in ceiling.items()
             if isinstance(s, Mapping) and m != "images"
         ]
-    backbone = agg.get("backbone", {})
-    if backbone:
-        metrics = sorted(
-            {m for r in backbone.values() for m, s in r.items() if isinstance(s, Mapping) and m != "images"}
-        )
-        lines += ["", "| Backbone protocols | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
-        lines += [f"| {n} | " + " | ".join(_pm(r.get(m)) for m in metrics) + " |" for n, r in backbone.items()]
+    for file, title in (("backbone", "Backbone protocols"), ("hsg", "HSG FCN (evaluate_hsg)")):
+        rows = agg.get(file, {})
+        if rows:
+            metrics = {m for r in rows.values() for m, s in r.items() if isinstance(s, Mapping) and m != "images"}
+            metrics = sorted(metrics)
+            lines += ["", f"| {title} | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+            lines += [f"| {n} | " + " | ".join(_pm(r.get(m)) for m in metrics) + " |" for n, r in rows.items()]
     return "\n".join(lines) + "\n"

@@ -41,8 +41,8 @@ def main(args, params) -> None:
     digest = H.params_digest(trained, [H.file_digest(e.file) for e in entries])
     args.log.parent.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.ckpt.mkdir(parents=True, exist_ok=True)  # a declared output, even when nothing trains
     if h.train == "auto" and HSG_WEIGHTS not in (params.distill.backbone_weights, params.deeplab.backbone_weights):
-        args.ckpt.mkdir(parents=True, exist_ok=True)  # a declared output, even when empty
         save_checkpoint(PLACEHOLDER, args.out)
         args.log.write_text("step,loss\n")
         log("pretrain_hsg", "no backbone_weights is hsg (hsg.train: auto): nothing trained, a placeholder written")

@@ -224,6 +224,13 @@ def test_pretrain_hsg_stage_trains_resumes_and_its_resnet_loads_into_deeplab(tmp
     assert again.returncode == 0 and "0 of 4 HSG steps run now" in again.stderr
     ckpt = torch.load(tmp_path / "hsg.pth", weights_only=True)
     assert ckpt["meta"]["steps"] == 4 and {"embedding_head", "transformers"} <= set(ckpt)
+    raw["hsg"]["reuse"] = "hsg.pth"  # what a committed checkpoint does: used as is, nothing trained
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    reuse = [*cmd[:4], "reused.pth", "--ckpt", "fresh_scratch", "--log", "reused.csv"]
+    reused = subprocess.run(reuse, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert reused.returncode == 0 and "used as is" in reused.stderr, reused.stderr[-3000:]
+    assert (tmp_path / "reused.pth").read_bytes() == (tmp_path / "hsg.pth").read_bytes()
+    assert (tmp_path / "fresh_scratch").is_dir()  # a declared DVC output exists though nothing trained
     report = load_resnet_weights(create_resnet("resnet18"), tmp_path / "hsg.pth")  # strict: every trunk tensor
     assert len(report.loaded) > 100
     key = "deeplab.backbone_weights"

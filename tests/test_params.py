@@ -100,15 +100,19 @@ def test_every_schema_key_is_written_in_the_shipped_params_files():
 
 
 def test_schema_defaults_are_the_tiny_profile():
-    # a key deleted from params.yaml falls back to the same value (croc.reuse defaults to training)
+    # a key deleted from params.yaml falls back to the same value (croc.reuse and hsg.reuse default to training;
+    # the tiny HSG schedule is the committed checkpoint's, 1500 steps, against the schema's short default)
     import dataclasses
 
     defaults, tiny = parse_params({}), load_params(ROOT / "params.yaml")
     for section in dataclasses.fields(defaults):
         want = dataclasses.asdict(getattr(tiny, section.name))
         got = dataclasses.asdict(getattr(defaults, section.name))
-        if section.name == "croc":
+        if section.name in ("croc", "hsg"):
             want.pop("reuse"), got.pop("reuse")
+        if section.name == "hsg":
+            assert (want.pop("steps"), want.pop("stage1_steps")) == (1500, 500)
+            assert (got.pop("steps"), got.pop("stage1_steps")) == (200, 100)
         assert got == want, section.name
 
 

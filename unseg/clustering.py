@@ -191,7 +191,7 @@ def mask_features(
                 w = torch.stack(weights).to(tokens)[..., None]
                 feats.append(((tokens[:, prefix:] * w).sum(1) / w.sum(1).clamp(min=1.0)).cpu().numpy())
             else:
-                feats.append(tokens[:, 0].cpu().numpy())
+                feats.append(tokens[:, 0].cpu().numpy().copy())  # a view would keep the batch's tokens alive
             pending.clear()
             weights.clear()
 

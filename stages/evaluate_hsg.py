@@ -37,8 +37,9 @@ def main(args, params) -> None:
     n, ignore, seed = len(index.classes), index.ignore_index, params.evaluate.seed
     torch.manual_seed(seed)
     state = read_trained_hsg(args.hsg, "hsg.train: auto and no backbone_weights is hsg:", "set hsg.train: always")
-    nets = {"hsg": load_exported(build_models(training), state),
-            "random_init": build_models(training)}  # fmt: skip
+    test_stride = h.test_output_stride  # the same weights at a finer grid (released: trained at 16, tested at 8)
+    nets = {"hsg": load_exported(build_models(training, test_stride), state),
+            "random_init": build_models(training, test_stride)}  # fmt: skip
     result, shown = {}, {}
     for name, m in nets.items():
         for part in (m.net, m.fine, m.coarse):

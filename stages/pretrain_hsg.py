@@ -28,7 +28,7 @@ from unseg.params import config_from
 from unseg.pretrain.reuse import reuse_checkpoint
 from unseg.train import harness as H
 
-RUNTIME = {"reuse", "train", "device", "workers", "ckpt_every"}
+RUNTIME = {"reuse", "train", "device", "workers", "ckpt_every", "test_output_stride"}  # not what is trained
 PLACEHOLDER = {"meta": {"trained": False}}  # what Mask R-CNN and DeepLab refuse to load as weights
 
 

@@ -178,6 +178,23 @@ def test_the_hsg_objective_backpropagates_to_every_part_and_decreases():
     assert stage1["levels"] == 0 and stage1["grouping"] == 0 and stage1["loss"] == stage1["region"]
 
 
+def test_trained_at_stride_16_tested_at_8_doubles_the_grid_with_the_same_weights_and_positions():
+    from unseg.hsg.trainer import HSGTraining, build_models, export_state, load_exported
+
+    torch.manual_seed(0)
+    t = HSGTraining(dim=32, fine_groups=4, coarse_groups=2)
+    trained = build_models(t)
+    test = load_exported(build_models(t, output_stride=8), export_state(trained, {}))
+    x = torch.rand(1, 3, 64, 64)
+    trained.net.eval(), test.net.eval()
+    (emb16, pos16), (emb8, pos8) = trained.net(x), test.net(x)
+    assert emb16.shape == (1, 32, 4, 4) and emb8.shape == (1, 32, 8, 8)
+    # the released test net: same tensors, layer3 dilated instead of strided; positions read at the trained spacing
+    torch.testing.assert_close(pos8, pos16.repeat_interleave(2, 1).repeat_interleave(2, 2))
+    assert torch.equal(test.net.conv_out[0].weight, trained.net.conv_out[0].weight)
+    assert not torch.allclose(emb8[..., ::2, ::2], emb16)  # a different computation (dilation), not a resize
+
+
 @pytest.mark.slow
 def test_pretrain_hsg_stage_trains_resumes_and_its_resnet_loads_into_deeplab(tmp_path):
     import os

@@ -246,6 +246,7 @@ class Hsg:  # pretrain_hsg: HSG (Ke et al. 2022); released values in configs/pap
     backbone: str = p("resnet18", choices=("resnet18", "resnet34", "resnet50", "resnet101"))
     dim: int = p(128, lo=8)  # pixel embedding dimension
     output_stride: int = p(16, choices=(8, 16, 32))  # released: 16 in training
+    test_output_stride: int = p(8, choices=(8, 16, 32))  # evaluate_hsg, same weights (released: 8 at test)
     fine_groups: int = p(8, lo=2)
     coarse_groups: int = p(4, lo=1)
     steps: int = p(1500, lo=0)

@@ -34,20 +34,26 @@ class LearnedPosition(nn.Module):
         nn.init.uniform_(self.rows.weight)
         nn.init.uniform_(self.cols.weight)
 
-    def forward(self, h: int, w: int) -> torch.Tensor:
-        size = self.rows.num_embeddings
-        ys = torch.arange(h, device=self.rows.weight.device).clamp(max=size - 1)
-        xs = torch.arange(w, device=self.cols.weight.device).clamp(max=size - 1)
+    def forward(self, h: int, w: int, step: float = 1.0) -> torch.Tensor:
+        """``step`` < 1 reads the tables at a finer grid over the same image area (entry floor(i * step))."""
+        size, device = self.rows.num_embeddings, self.rows.weight.device
+        ys = (torch.arange(h, device=device) * step).long().clamp(max=size - 1)
+        xs = (torch.arange(w, device=device) * step).long().clamp(max=size - 1)
         return torch.cat(
             [self.rows(ys)[:, None, :].expand(h, w, -1), self.cols(xs)[None, :, :].expand(h, w, -1)], -1
         ).permute(2, 0, 1)
 
 
 class EmbeddingFCN(nn.Module):
-    """Images (B, 3, H, W) in [0, 1] -> unit pixel embeddings (B, dim, H/os, W/os) and positions (dim, h, w)."""
+    """Images (B, 3, H, W) in [0, 1] -> unit pixel embeddings (B, dim, H/os, W/os) and positions (dim, h, w).
 
-    def __init__(self, backbone: str = "resnet18", dim: int = 128, output_stride: int = 16):
+    ``trained_stride``: the output stride the weights were trained at, when it differs (released: trained at 16,
+    tested at 8 with the same weights); the positional tables are then read at the trained grid's spacing."""
+
+    def __init__(self, backbone: str = "resnet18", dim: int = 128, output_stride: int = 16,
+                 trained_stride: int | None = None):  # fmt: skip
         super().__init__()
+        self.position_step = output_stride / (trained_stride or output_stride)
         dilate = {16: (False, False, True), 8: (False, True, True), 32: (False, False, False)}[output_stride]
         self.resnet = create_resnet(backbone, dilate)
         self.resnet.fc = nn.Identity()
@@ -65,7 +71,7 @@ class EmbeddingFCN(nn.Module):
         x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
         x = r.layer4(r.layer3(r.layer2(r.layer1(x))))
         emb = F.normalize(self.conv_out(x), dim=1)
-        return emb, self.position(*emb.shape[-2:])
+        return emb, self.position(*emb.shape[-2:], self.position_step)
 
 
 @dataclass

@@ -104,9 +104,10 @@ class HSGModels:
     coarse: ClusteringTransformer
 
 
-def build_models(t: HSGTraining) -> HSGModels:
+def build_models(t: HSGTraining, output_stride: int | None = None) -> HSGModels:
+    """The FCN and the two transformers; ``output_stride``: the FCN's at test, when not the trained one."""
     return HSGModels(
-        EmbeddingFCN(t.backbone, t.dim, t.output_stride),
+        EmbeddingFCN(t.backbone, t.dim, output_stride or t.output_stride, trained_stride=t.output_stride),
         ClusteringTransformer(t.fine_groups, t.dim),
         ClusteringTransformer(t.coarse_groups, t.dim),
     )

@@ -266,8 +266,6 @@ def test_pretrain_hsg_stage_trains_resumes_and_its_resnet_loads_into_deeplab(tmp
         assert set(scores[net]) == {"pixels", "segments", "fine", "coarse", "semi_supervised_knn_miou"}
         for level in ("pixels", "segments", "fine", "coarse"):
             assert 0 <= scores[net][level]["miou"] <= 1 and 0 < scores[net][level]["nf_covering"] <= 1
-    # a unit per pixel covers every region at least as well as its groups do
-    assert scores["hsg"]["pixels"]["nf_covering"] >= scores["hsg"]["coarse"]["nf_covering"]
     assert Image.open(tmp_path / "h.png").size == (5 * 192, 2 * 208)  # 2 val images x 5 panels
 
 

@@ -156,7 +156,7 @@ def bench_kmeans() -> dict:
     x = centers[rng.integers(0, 20, 10_000)] + 0.8 * rng.normal(size=(10_000, 384))
     x, _ = whiten_l2(x)
     out = {"features": x.shape[0], "dim": x.shape[1], "k": 20}
-    for algo in ("minibatch", "faiss"):
+    for algo in ("lloyd", "minibatch", "faiss"):
         start = time.perf_counter()
         res = kmeans(x, 20, 1234, algo)
         out[f"{algo}_seconds"] = time.perf_counter() - start

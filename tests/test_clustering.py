@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from unseg.clustering import mask_features, whiten_l2
+from unseg.clustering import kmeans, kmeans_pp, lloyd_kmeans, mask_features, nearest_center, whiten_l2
 from unseg.data.transforms import geometry, vit_input
 from unseg.models.vit import create_vit
 
@@ -50,3 +50,46 @@ def test_whiten_l2_divides_by_the_std_then_normalises():
     out, std = whiten_l2(x)
     assert np.allclose(std, [1.0, 2.0])
     assert np.allclose(out, np.array([[1, 1], [3, 3]]) / np.sqrt([[2], [18]]), atol=1e-6)
+
+
+def test_nearest_center_is_the_argmin_of_the_squared_distances_in_any_chunking():
+    x, c = torch.randn(50, 7, generator=torch.Generator().manual_seed(0)), torch.randn(6, 7)
+    d = torch.cdist(x, c) ** 2
+    for chunk in (50, 16, 1):
+        labels, d2 = nearest_center(x, c, chunk=chunk)
+        assert torch.equal(labels, d.argmin(1))
+        assert torch.allclose(d2, d.min(1).values, atol=1e-4)
+
+
+def test_kmeans_pp_never_picks_a_point_twice_while_others_are_farther():
+    # 4 distinct points, k = 4: D^2 weighting gives a chosen point weight 0, so all four are picked
+    x = torch.tensor([[0.0, 0], [10, 0], [0, 10], [10, 10]])
+    for seed in range(5):
+        picked = kmeans_pp(x, 4, torch.Generator().manual_seed(seed))
+        assert sorted(map(tuple, picked.tolist())) == sorted(map(tuple, x.tolist()))
+
+
+def test_lloyd_recovers_separated_blobs_and_matches_sklearn_kmeans_inertia():
+    from sklearn.cluster import KMeans
+
+    rng = np.random.default_rng(0)
+    centres = 10 * rng.normal(size=(8, 16))
+    truth = rng.integers(0, 8, 800)
+    x = (centres[truth] + rng.normal(size=(800, 16))).astype(np.float32)
+    res = kmeans(x, 8, seed=0, algorithm="lloyd")
+    pairs = set(zip(truth.tolist(), res.labels.tolist(), strict=True))
+    assert len(pairs) == 8 and len({a for a, _ in pairs}) == len({b for _, b in pairs}) == 8  # a bijection
+    ours = float(((x - res.centers[res.labels]) ** 2).sum())
+    ref = KMeans(8, n_init=3, random_state=0).fit(x).inertia_
+    assert ours == pytest.approx(ref, rel=1e-4)
+    again = kmeans(x, 8, seed=0, algorithm="lloyd")
+    assert np.array_equal(again.labels, res.labels)  # seeded: the same run twice
+
+
+def test_lloyd_refills_an_emptied_cluster_with_a_data_row_never_a_0_over_0_mean():
+    # two distinct rows, k = 3: some centre must lose all its rows; it takes a row, not NaN
+    x = torch.tensor([[1.0, 1], [1, 1], [1, 1], [5, 5], [5, 5], [5, 5]])  # the origin is no row
+    for seed in range(4):
+        centers = lloyd_kmeans(x, 3, seed=seed, n_init=1)
+        assert all(any(torch.equal(c, row) for row in x) for c in centers)
+        assert float(nearest_center(x, centers)[1].sum()) == 0

@@ -10,12 +10,14 @@ Three ways to get a mask's feature:
   last-layer patch tokens inside the mask (the object seen in its context, as dense features are read).
 
 Features are whitened (each dimension divided by its std, no centring: ``scipy.cluster.vq.whiten``)
-and L2-normalised, then clustered by scikit-learn MiniBatchKMeans or faiss, seeded.
+and L2-normalised, then clustered by scikit-learn MiniBatchKMeans (the released code), faiss, or the
+project's full-batch Lloyd K-means in torch (``lloyd``), seeded.
 Cluster ids are label-free; ground truth enters only in evaluation (or the ``align_to_gt`` flag).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -157,7 +159,75 @@ def kmeans(
         km.train(np.ascontiguousarray(fit, dtype=np.float32))
         _, labels = km.index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
         return KMeansResult(labels[:, 0].astype(np.int64), km.centroids.astype(np.float32))
-    raise UserError(f"K-means algorithm must be 'minibatch' or 'faiss', got {algorithm!r}")
+    if algorithm == "lloyd":
+        centers = lloyd_kmeans(torch.from_numpy(np.ascontiguousarray(fit, dtype=np.float32)), k, seed, n_init,
+                               max_iter or 50)  # fmt: skip
+        labels = nearest_center(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), centers)[0]
+        return KMeansResult(labels.numpy().astype(np.int64), centers.numpy())
+    raise UserError(f"K-means algorithm must be 'minibatch', 'faiss' or 'lloyd', got {algorithm!r}")
+
+
+def nearest_center(
+    x: torch.Tensor, centers: torch.Tensor, x_sq: torch.Tensor | None = None, chunk: int = 65536
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(label, squared distance) of each row of ``x`` (N, D) to its nearest row of ``centers`` (k, D):
+    argmin of ||c||^2 - 2 x.c (||x||^2 is the same for every centre, added after the min; pass it as
+    ``x_sq`` to reuse it), in row chunks of memory N_chunk * k."""
+    x_sq = torch.linalg.vector_norm(x, dim=1) ** 2 if x_sq is None else x_sq
+    c_sq = torch.linalg.vector_norm(centers, dim=1) ** 2
+    labels, dists = [], []
+    for part in x.split(chunk):
+        best, label = torch.addmm(c_sq, part, centers.T, alpha=-2).min(1)
+        labels.append(label)
+        dists.append(best)
+    return torch.cat(labels), (torch.cat(dists) + x_sq).clamp_min(0)
+
+
+def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator, x_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007, the variant scikit-learn uses): each next
+    centre is, of 2 + ln k candidates drawn with probability proportional to D(x)^2 (the squared distance
+    to the nearest centre so far), the one that leaves the smallest sum of D(x)^2."""
+    x_sq = torch.linalg.vector_norm(x, dim=1) ** 2 if x_sq is None else x_sq
+    trials = 2 + int(math.log(k))
+    first = x[torch.randint(len(x), (1,), generator=gen)]
+    centers = [first[0]]
+    d2 = (x_sq - 2 * (x @ first[0]) + first[0] @ first[0]).clamp_min(0)
+    for _ in range(1, k):
+        weights = d2 if float(d2.sum()) > 0 else torch.ones_like(d2)
+        cand = x[torch.multinomial(weights, trials, replacement=True, generator=gen)]  # (trials, D)
+        cand_d2 = (x_sq[:, None] - 2 * (x @ cand.T) + (cand * cand).sum(1)).clamp_min(0)
+        new_d2 = torch.minimum(d2[:, None], cand_d2)  # (N, trials)
+        best = int(new_d2.sum(0).argmin())
+        centers.append(cand[best])
+        d2 = new_d2[:, best]
+    return torch.stack(centers)
+
+
+def lloyd_kmeans(x: torch.Tensor, k: int, seed: int, n_init: int = 3, max_iter: int = 50) -> torch.Tensor:
+    """Full-batch Lloyd K-means on rows of ``x`` (N, D): k-means++ seeding, at most ``max_iter``
+    assign/update rounds (stops when no label changes), best inertia of ``n_init`` seedings. An
+    emptied cluster takes the row farthest from its centre. Returns the centres (k, D)."""
+    gen = torch.Generator().manual_seed(seed)
+    x_sq = torch.linalg.vector_norm(x, dim=1) ** 2
+    best, best_inertia = None, float("inf")
+    for _ in range(n_init):
+        centers = kmeans_pp(x, k, gen, x_sq)
+        labels = None
+        for _ in range(max_iter):
+            new_labels, d2 = nearest_center(x, centers, x_sq)
+            if labels is not None and torch.equal(new_labels, labels):
+                break
+            labels = new_labels
+            sums = torch.zeros_like(centers).index_add_(0, labels, x)
+            counts = torch.bincount(labels, minlength=k)
+            centers = sums / counts.clamp_min(1)[:, None].to(x.dtype)
+            for empty in (counts == 0).nonzero()[:, 0]:
+                far = int(d2.argmax())
+                centers[empty], d2[far] = x[far], 0
+        labels, d2 = nearest_center(x, centers, x_sq)
+        if float(d2.sum()) < best_inertia:
+            best, best_inertia = centers, float(d2.sum())
+    return best
 
 
 @torch.no_grad()

@@ -151,7 +151,7 @@ class Cluster:
     classes: int = p(4, lo=1)  # expected number of object categories (C)
     overcluster: int = p(1, lo=1)  # K-means k = classes * overcluster
     whiten: bool = p(True)
-    algorithm: str = p("minibatch", choices=("minibatch", "faiss"))
+    algorithm: str = p("minibatch", choices=("minibatch", "faiss", "lloyd"))
     kmeans_batch_size: int = p(1000, lo=1)
     seed: int = p(0, lo=0)
     weights: str | None = p(None)  # a different ViT for the CLS features (paper: ViT-S/8); null = same

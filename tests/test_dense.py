@@ -88,4 +88,4 @@ def test_dense_user_errors():
     with pytest.raises(UserError, match="same D"):
         dense_kmeans_labels([feats[0], feats[1][..., :3]], k=2, seed=0)
     with pytest.raises(UserError, match="algorithm"):
-        dense_kmeans_labels(feats, k=2, seed=0, algorithm="lloyd")
+        dense_kmeans_labels(feats, k=2, seed=0, algorithm="spectral")

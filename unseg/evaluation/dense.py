@@ -43,7 +43,8 @@ def dense_kmeans_labels(
 
     features: list of (h, w, D) arrays (grids may differ per image, D may not). ``algorithm``:
     ``"minibatch"`` (sklearn ``MiniBatchKMeans``, ``random_state=seed``; the implementation MaskDistill
-    uses for its CLS clustering, reference.md §1.2) or ``"faiss"`` (``faiss.Kmeans``, ``nredo=n_init``).
+    uses for its CLS clustering, reference.md §1.2), ``"faiss"`` (``faiss.Kmeans``, ``nredo=n_init``) or
+    ``"lloyd"`` (the project's torch K-means, ``unseg.clustering.lloyd_kmeans``).
     ``max_fit_tokens``: when set and smaller than the token count, the centroids are fitted on that many
     tokens drawn uniformly without replacement (seeded), and every token is then assigned (a memory and
     time bound for large splits; ``None`` = fit on all tokens, the protocol as stated).

@@ -136,7 +136,8 @@ def kmeans(
     """K-means with ``k`` clusters on rows of ``x`` (already whitened/normalised), deterministic given ``seed``.
 
     ``minibatch``: scikit-learn MiniBatchKMeans (``max_iter`` default 100); ``faiss``: faiss.Kmeans
-    (``niter`` default 50, ``nredo = n_init``). With ``fit_rows`` the centres are fitted on those rows
+    (``niter`` default 50, ``nredo = n_init``); ``lloyd``: :func:`lloyd_kmeans` (``max_iter`` default 50,
+    ``n_init`` seedings; ``batch_size`` unused). With ``fit_rows`` the centres are fitted on those rows
     only and every row is then assigned to its nearest centre.
     """
     fit = x if fit_rows is None else x[fit_rows]
@@ -160,8 +161,8 @@ def kmeans(
         _, labels = km.index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
         return KMeansResult(labels[:, 0].astype(np.int64), km.centroids.astype(np.float32))
     if algorithm == "lloyd":
-        centers = lloyd_kmeans(torch.from_numpy(np.ascontiguousarray(fit, dtype=np.float32)), k, seed, n_init,
-                               max_iter or 50)  # fmt: skip
+        rows = torch.from_numpy(np.ascontiguousarray(fit, dtype=np.float32))
+        centers = lloyd_kmeans(rows, k, seed, n_init=n_init, max_iter=max_iter or 50)
         labels = nearest_center(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), centers)[0]
         return KMeansResult(labels.numpy().astype(np.int64), centers.numpy())
     raise UserError(f"K-means algorithm must be 'minibatch', 'faiss' or 'lloyd', got {algorithm!r}")
@@ -206,7 +207,7 @@ def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator, x_sq: torch.Tensor 
 def lloyd_kmeans(x: torch.Tensor, k: int, seed: int, n_init: int = 3, max_iter: int = 50) -> torch.Tensor:
     """Full-batch Lloyd K-means on rows of ``x`` (N, D): k-means++ seeding, at most ``max_iter``
     assign/update rounds (stops when no label changes), best inertia of ``n_init`` seedings. An
-    emptied cluster takes the row farthest from its centre. Returns the centres (k, D)."""
+    emptied cluster takes the row farthest from its nearest centre. Returns the centres (k, D)."""
     gen = torch.Generator().manual_seed(seed)
     x_sq = torch.linalg.vector_norm(x, dim=1) ** 2
     best, best_inertia = None, float("inf")

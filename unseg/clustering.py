@@ -192,7 +192,7 @@ def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator, x_sq: torch.Tensor 
     trials = 2 + int(math.log(k))
     first = x[torch.randint(len(x), (1,), generator=gen)]
     centers = [first[0]]
-    d2 = (x_sq - 2 * (x @ first[0]) + first[0] @ first[0]).clamp_min(0)
+    d2 = nearest_center(x, first, x_sq)[1]
     for _ in range(1, k):
         weights = d2 if float(d2.sum()) > 0 else torch.ones_like(d2)
         cand = x[torch.multinomial(weights, trials, replacement=True, generator=gen)]  # (trials, D)
@@ -217,7 +217,7 @@ def lloyd_kmeans(x: torch.Tensor, k: int, seed: int, n_init: int = 3, max_iter: 
         for _ in range(max_iter):
             new_labels, d2 = nearest_center(x, centers, x_sq)
             if labels is not None and torch.equal(new_labels, labels):
-                break
+                break  # converged: d2 belongs to these centres
             labels = new_labels
             sums = torch.zeros_like(centers).index_add_(0, labels, x)
             counts = torch.bincount(labels, minlength=k)
@@ -225,9 +225,11 @@ def lloyd_kmeans(x: torch.Tensor, k: int, seed: int, n_init: int = 3, max_iter: 
             for empty in (counts == 0).nonzero()[:, 0]:
                 far = int(d2.argmax())
                 centers[empty], d2[far] = x[far], 0
-        labels, d2 = nearest_center(x, centers, x_sq)
-        if float(d2.sum()) < best_inertia:
-            best, best_inertia = centers, float(d2.sum())
+        else:  # out of rounds: the last update moved the centres
+            d2 = nearest_center(x, centers, x_sq)[1]
+        inertia = float(d2.sum())
+        if inertia < best_inertia:
+            best, best_inertia = centers, inertia
     return best
 
 

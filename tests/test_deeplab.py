@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from unseg.deeplab import (
+    AtrousConv2d,
+    atrous_conv,
     build_deeplab,
     check_labels,
     deeplab_train_step,
@@ -258,3 +260,40 @@ def test_linear_protocol_features_batched_equal_one_image_at_a_time():
         torch.testing.assert_close(batched["head"][i], head, rtol=1e-4, atol=1e-5)
     sizes = deeplab_features(model, images, torch.device("cpu"), kinds=("backbone",))  # own sizes: one at a time
     assert set(sizes) == {"backbone"} and [f.shape[-2:] for f in sizes["backbone"]] == [(3, 4), (4, 3), (3, 3)]
+
+
+@pytest.mark.parametrize("size", [(8, 8), (8, 40), (40, 8), (40, 40), (12, 12)])
+def test_atrous_conv_equals_the_full_kernel_and_its_gradient(size):
+    torch.manual_seed(0)
+    full = torch.nn.Conv2d(6, 4, 3, padding=12, dilation=12, bias=False)
+    skip = atrous_conv(full)
+    assert isinstance(skip, AtrousConv2d)
+    x = torch.randn(2, 6, *size, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    out, out2 = full(x), skip(x2)
+    assert out.shape == out2.shape
+    torch.testing.assert_close(out2, out, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    out.backward(g)
+    out2.backward(g)
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(skip.weight.grad, full.weight.grad, rtol=1e-5, atol=1e-5)
+    if size[0] <= 12:  # the taps of rows i +- 12 read padding only: their weights get exactly no gradient
+        assert skip.weight.grad[:, :, [0, 2]].abs().max() == 0
+
+
+def test_atrous_conv_rejects_a_strided_or_unpadded_conv():
+    with pytest.raises(ValueError, match="stride-1"):
+        atrous_conv(torch.nn.Conv2d(3, 3, 3, stride=2, padding=1))
+    with pytest.raises(ValueError, match="stride-1"):
+        atrous_conv(torch.nn.Conv2d(3, 3, 3, padding=0, dilation=2))
+
+
+def test_aspp_branches_are_atrous_convs_and_load_a_plain_state_dict():
+    model = build_deeplab(3, backbone="resnet18", output_stride=16, freeze_blocks=0)
+    convs = [branch[0] for branch in model.head[0].convs[1:4]]
+    assert all(isinstance(c, AtrousConv2d) for c in convs)
+    assert [c.dilation for c in convs] == [(12, 12), (24, 24), (36, 36)]
+    state = model.state_dict()  # torchvision's parameter names and shapes: older checkpoints load
+    assert state["head.0.convs.1.0.weight"].shape == (256, 512, 3, 3)
+    assert "head.0.convs.3.0.bias" not in state

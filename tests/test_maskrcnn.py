@@ -247,3 +247,20 @@ def test_c4_layout_trains_and_predicts(data):
     results = predict_instances(model, [(1, load_image(paths[1]))], torch.device("cpu"))
     for r in results:
         assert decode_rle(r["segmentation"]).shape == (64, 80) and r["category_id"] in (0, 1)
+
+
+def test_proposal_params_reach_the_rpn_and_only_train_proposals_retrain(tmp_path):
+    import dataclasses
+
+    from unseg.distill.params import torchvision_maskrcnn, training_digest
+    from unseg.params import parse_params
+
+    d = dataclasses.replace(parse_params({}).distill, train_proposals=300, test_proposals=40, backbone_weights=None)
+    model = torchvision_maskrcnn(d, 3)
+    assert model.rpn._pre_nms_top_n == {"training": 300, "testing": 40}
+    assert model.rpn._post_nms_top_n == {"training": 300, "testing": 40}
+    labels = tmp_path / "instances.json"
+    labels.write_text("{}")
+    digest = training_digest(d, labels, {1, 2})
+    assert training_digest(dataclasses.replace(d, test_proposals=1000), labels, {1, 2}) == digest
+    assert training_digest(dataclasses.replace(d, train_proposals=2000), labels, {1, 2}) != digest

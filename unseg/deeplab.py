@@ -34,6 +34,35 @@ _DILATION_FOR_STRIDE = {8: (False, True, True), 16: (False, False, True), 32: (F
 _STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
+class AtrousConv2d(nn.Conv2d):
+    """A same-padded, stride-1 atrous convolution that leaves out the kernel rows (columns) whose taps
+    all fall in the zero padding: with dilation d >= H, output row i reads rows i ± d, none inside
+    [0, H). The result is the same; DeepLab-v3 (Chen et al. 2017, Sec. 3.3) notes that on a small
+    feature map a large rate "degenerates to a simple 1x1 filter" (at tiny's 8x8 map, all ASPP rates)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (kh, kw), (dh, dw), (ph, pw) = self.kernel_size, self.dilation, self.padding
+        drop_rows, drop_cols = dh >= x.shape[-2], dw >= x.shape[-1]
+        if not (drop_rows or drop_cols):
+            return super().forward(x)
+        rows = slice(kh // 2, kh // 2 + 1) if drop_rows else slice(None)
+        cols = slice(kw // 2, kw // 2 + 1) if drop_cols else slice(None)
+        padding = (0 if drop_rows else ph, 0 if drop_cols else pw)
+        return F.conv2d(x, self.weight[:, :, rows, cols], self.bias, 1, padding, self.dilation, self.groups)
+
+
+def atrous_conv(conv: nn.Conv2d) -> AtrousConv2d:
+    """``conv`` (3x3 or any odd kernel, stride 1, padding = dilation) as an :class:`AtrousConv2d`, same parameters."""
+    if conv.stride != (1, 1) or conv.padding != conv.dilation or any(k % 2 == 0 for k in conv.kernel_size):
+        raise ValueError("atrous_conv needs a stride-1 conv with an odd kernel and padding equal to its dilation")
+    out = AtrousConv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding,
+        dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+    )  # fmt: skip
+    out.load_state_dict(conv.state_dict())
+    return out
+
+
 class LowLevelDecoder(nn.Module):
     """DeepLab-v3+'s decoder (Chen et al., ECCV 2018, Sec. 3.1): sharper boundaries from stride-4 features.
 
@@ -144,6 +173,8 @@ def build_deeplab(
     body = IntermediateLayerGetter(resnet, return_layers=layers)
     head = DeepLabHead(channels["layer4"], num_classes, atrous_rates=tuple(aspp_rates))
     head[0].project[3].p = dropout
+    for branch in head[0].convs[1 : 1 + len(aspp_rates)]:  # the atrous branches (torchvision ASPPConv)
+        branch[0] = atrous_conv(branch[0])
     decoder = None
     if decoder_channels is not None:
         decoder = LowLevelDecoder(channels["layer1"], head[1].out_channels, out_channels=decoder_channels)

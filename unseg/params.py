@@ -190,6 +190,8 @@ class Distill:
     fpn_channels: int = p(128, lo=8)
     box_batch_size_per_image: int = p(64, lo=1)
     rpn_batch_size_per_image: int = p(128, lo=1)
+    train_proposals: int = p(500, lo=1)  # RPN proposals per image before and after NMS, training (torchvision 2000)
+    test_proposals: int = p(100, lo=1)  # and at inference: the box head's RoIs per image (torchvision 1000)
     detections_per_image: int = p(20, lo=1)
     score_threshold: float = p(0.05, lo=0, hi=1)  # predictions below are not written
     ckpt_every: int = p(100, lo=1)

@@ -57,6 +57,8 @@ DETECTRON2_DEFAULTS: dict = {
     "backbone_weights": "",  # local checkpoint (torchvision/MoCo/HSG .pth, or a detectron2 .pkl); '' = scratch
     "score_thresh_test": 0.05,
     "detections_per_image": 100,
+    "train_proposals": 2000,  # RPN POST_NMS_TOPK_TRAIN (C4 default)
+    "test_proposals": 1000,  # RPN POST_NMS_TOPK_TEST
     "precise_bn": True,
     "amp": False,
     "num_workers": 4,
@@ -123,7 +125,8 @@ def detectron2_config(cfg: dict) -> dict:
         "MODEL.RESNETS.RES5_DILATION": 1,
         "MODEL.RPN.IN_FEATURES": ["res4"],
         "MODEL.RPN.PRE_NMS_TOPK_TEST": 6000,
-        "MODEL.RPN.POST_NMS_TOPK_TEST": 1000,
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN": int(p["train_proposals"]),
+        "MODEL.RPN.POST_NMS_TOPK_TEST": int(p["test_proposals"]),
         "MODEL.ANCHOR_GENERATOR.SIZES": [[32, 64, 128, 256, 512]],
         "MODEL.ROI_HEADS.NAME": p["roi_heads"],
         "MODEL.ROI_HEADS.IN_FEATURES": ["res4"],

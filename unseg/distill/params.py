@@ -12,7 +12,15 @@ from unseg.distill.maskrcnn import build_maskrcnn
 from unseg.train import harness as H
 
 # params that change predictions only, not training: changing them must not restart training
-PREDICT_ONLY = {"test_size", "detections_per_image", "score_threshold", "device", "workers", "ckpt_every"}
+PREDICT_ONLY = {
+    "test_size",
+    "test_proposals",
+    "detections_per_image",
+    "score_threshold",
+    "device",
+    "workers",
+    "ckpt_every",
+}
 
 
 def training_digest(d, pseudo_labels: Path, train_ids: set[int], weights: str | None = None) -> str:
@@ -38,6 +46,8 @@ def torchvision_maskrcnn(d, k: int) -> torch.nn.Module:
         representation_size=d.representation_size, mask_head_channels=d.mask_head_channels,
         fpn_channels=d.fpn_channels, box_batch_size_per_image=d.box_batch_size_per_image,
         rpn_batch_size_per_image=d.rpn_batch_size_per_image, box_detections_per_img=d.detections_per_image,
+        rpn_pre_nms_top_n_train=d.train_proposals, rpn_post_nms_top_n_train=d.train_proposals,
+        rpn_pre_nms_top_n_test=d.test_proposals, rpn_post_nms_top_n_test=d.test_proposals,
     )  # fmt: skip
 
 
@@ -61,6 +71,8 @@ def detectron2_params(d, k: int, out: Path, device: torch.device) -> dict:
         "backbone_weights": d.backbone_weights or "",
         "score_thresh_test": d.score_threshold,
         "detections_per_image": d.detections_per_image,
+        "train_proposals": d.train_proposals,
+        "test_proposals": d.test_proposals,
         "amp": d.amp,
         "num_workers": d.workers,
         "checkpoint_period": d.ckpt_every,

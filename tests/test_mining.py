@@ -101,6 +101,19 @@ def test_component_matches_scipy_on_random_masks():
         assert np.array_equal(comp[b].numpy(), want)
 
 
+def test_component_matches_scipy_on_thin_grids_and_seeds_outside_the_mask():
+    g = torch.Generator().manual_seed(1)
+    for shape in ((1, 13), (13, 1), (1, 1), (2, 7), (23, 31)):
+        mask = torch.rand(8, *shape, generator=g) > 0.4
+        seeds = torch.randint(0, shape[0] * shape[1], (8,), generator=g)  # some fall outside the mask
+        comp = component_of(mask, seeds)
+        for b in range(8):
+            labels, _ = ndimage.label(mask[b].numpy())
+            seed_label = labels.flat[int(seeds[b])]
+            want = (labels == seed_label) if seed_label else np.zeros(shape, bool)
+            assert np.array_equal(comp[b].numpy(), want), (shape, b)
+
+
 def test_mass_mask_ties_follow_token_order_when_few_tokens_survive():
     # One peaked token: after the mass mask every other a_CLS is 0, so P is filled by index order.
     logits = torch.tensor([[[0.0], [0.0], [10.0], [0.0], [0.0]]])

@@ -174,7 +174,9 @@ def _mine_side(
     if available is not None:
         in_p_prime &= torch.gather(available, 1, proposals)
     k_sum = torch.einsum("bk,bkd->bd", in_p_prime.float(), k_prop)  # Σ_{j∈P'} k_j
-    mask = torch.einsum("bnd,bd->bn", keys, k_sum) > 0  # Σ_{j∈P'} A[j, p] > 0
+    # Σ_{j∈P'} A[j, p] > 0, as the row vector k_sumᵀ times Kᵀ: on CPU torch runs this product 3-5x faster
+    # than K · k_sum (a batched matrix-vector product), which was most of the mining time
+    mask = torch.bmm(k_sum[:, None, :], keys.transpose(1, 2))[:, 0] > 0
     if available is not None:
         mask &= available
     if cfg.keep_component:

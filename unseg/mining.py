@@ -168,7 +168,9 @@ def _mine_side(
     source = proposals[:, 0]
     keys = keys.float()
     rows = torch.arange(b, device=keys.device)[:, None]
-    k_prop = keys[rows, proposals]  # (B, k, D); indexing, not gather: no (B, k, D) index tensor
+    # (B, k, D) rows of P: index_select on the flattened keys (no (B, k, D) index tensor as gather needs;
+    # half the time of keys[rows, proposals] on CPU)
+    k_prop = keys.reshape(b * n, -1).index_select(0, (proposals + rows * n).reshape(-1)).view(b, -1, keys.shape[-1])
     k_src = keys[torch.arange(b, device=keys.device), source]  # (B, D)
     in_p_prime = torch.einsum("bd,bkd->bk", k_src, k_prop) > 0  # A[s, j] > 0 for j in P
     if available is not None:

@@ -171,7 +171,7 @@ def _mine_side(
     # (B, k, D) rows of P: index_select on the flattened keys (no (B, k, D) index tensor as gather needs;
     # half the time of keys[rows, proposals] on CPU)
     k_prop = keys.reshape(b * n, -1).index_select(0, (proposals + rows * n).reshape(-1)).view(b, -1, keys.shape[-1])
-    k_src = keys[torch.arange(b, device=keys.device), source]  # (B, D)
+    k_src = k_prop[:, 0]  # (B, D): the source is the first proposal
     in_p_prime = torch.einsum("bd,bkd->bk", k_src, k_prop) > 0  # A[s, j] > 0 for j in P
     if available is not None:
         in_p_prime &= torch.gather(available, 1, proposals)

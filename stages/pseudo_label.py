@@ -3,8 +3,9 @@
 Reads: params ``cluster`` (and ``mining.upsample``, ``backbone``); the image index, the backbone
 checkpoint, ``features.zarr`` (geometry attributes) and ``masks.zarr``. Writes
 ``<out>/instances.json`` (COCO instances: one annotation per non-empty mask, RLE at the original
-resolution, ``category_id`` = cluster + 1) and ``<out>/kmeans.npz`` (centres, whitening std, the
-cluster of every mask). Cluster ids carry no ground truth unless the reproduction flag
+resolution, ``category_id`` = cluster + 1; with ``cluster.background_clusters`` the masks of the clusters on the
+image border are left out) and ``<out>/kmeans.npz`` (centres, whitening std, the category of every mask, -1
+for a dropped one). Cluster ids carry no ground truth unless the reproduction flag
 ``cluster.align_to_gt`` is set. Inputs are streamed: memory holds one batch of images.
 """
 
@@ -39,12 +40,15 @@ def main(args, params) -> None:
         return
     feats, anns = gathered
     k = c.classes * c.overcluster
-    if len(anns) < k:
+    if len(anns) < k + c.background_clusters:
         raise UserError(
-            f"only {len(anns)} non-empty masks for k = {k} clusters; "
-            "lower cluster.classes/overcluster or use more images"
+            f"only {len(anns)} non-empty masks for k = {k + c.background_clusters} clusters; "
+            "lower cluster.classes/overcluster/background_clusters or use more images"
         )
-    km, std = clustering.assign_clusters(feats, anns, k, c.seed, c.whiten, c.algorithm, c.kmeans_batch_size)
+    ids = np.array([a["image_id"] for a in anns])  # of every mask, as kmeans.npz's labels
+    km, std, anns = clustering.assign_clusters(
+        feats, anns, k, c.seed, c.whiten, c.algorithm, c.kmeans_batch_size, c.background_clusters
+    )
     if c.align_to_gt:
         if not index.instances:
             raise UserError("cluster.align_to_gt needs ground-truth instances, which this dataset has not")
@@ -57,10 +61,10 @@ def main(args, params) -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     coco.write_json(out, args.out / "instances.json")
-    ids = np.array([a["image_id"] for a in anns])
     np.savez(args.out / "kmeans.npz", centers=km.centers, std=std, labels=km.labels, image_ids=ids)
-    counts = np.bincount(km.labels, minlength=k)
-    log("pseudo_label", f"{len(anns)} masks in {k} clusters (sizes {counts.tolist()}) -> {args.out}")
+    counts = np.bincount(km.labels[km.labels >= 0], minlength=k)
+    dropped = f", {len(ids) - len(anns)} in background clusters dropped" if c.background_clusters else ""
+    log("pseudo_label", f"{len(anns)} masks in {k} clusters (sizes {counts.tolist()}){dropped} -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from unseg.clustering import kmeans, kmeans_pp, lloyd_kmeans, mask_features, nearest_center, whiten_l2
+from unseg.clustering import (
+    assign_clusters,
+    background_clusters,
+    border_fraction,
+    kmeans,
+    kmeans_pp,
+    lloyd_kmeans,
+    mask_features,
+    nearest_center,
+    whiten_l2,
+)
+from unseg.coco import annotation
 from unseg.data.transforms import geometry, vit_input
 from unseg.models.vit import create_vit
 
@@ -93,3 +104,55 @@ def test_lloyd_refills_an_emptied_cluster_with_a_data_row_never_a_0_over_0_mean(
         centers = lloyd_kmeans(x, 3, seed=seed, n_init=1)
         assert all(any(torch.equal(c, row) for row in x) for c in centers)
         assert float(nearest_center(x, centers)[1].sum()) == 0
+
+
+def test_border_fraction_counts_each_border_pixel_once():
+    mask = np.zeros((4, 5), bool)
+    mask[0, :] = True  # the top row: 5 of the 14 border pixels
+    mask[2, 2] = True  # inside: not border
+    assert border_fraction(mask) == 5 / 14
+    mask[1:3, 0] = True  # 2 more on the left column
+    assert border_fraction(mask) == 7 / 14
+    assert border_fraction(np.ones((3, 3), bool)) == 1.0
+
+
+def test_background_clusters_rank_clusters_by_mean_border_share():
+    labels = np.array([0, 0, 1, 1, 1, 2, 3])
+    border = np.array([0.1, 0.3, 0.9, 0.7, 0.8, 0.5, 0.0])  # means: 0.2, 0.8, 0.5, 0.0; cluster 4 is empty
+    assert background_clusters(labels, border, 5, 1).tolist() == [1]
+    assert background_clusters(labels, border, 5, 3).tolist() == [1, 2, 0]
+    assert background_clusters(labels, border, 5, 5).tolist()[-1] == 4  # empty ranks last
+
+
+def _blob_masks():
+    """Three feature blobs: two of central object masks, one of masks along the image border."""
+    rng = np.random.default_rng(0)
+    centre = np.zeros((16, 16), bool)
+    centre[5:11, 5:11] = True
+    frame = np.ones((16, 16), bool)
+    frame[4:12, 4:12] = False
+    means = np.eye(3) * 10
+    feats, anns = [], []
+    for cls, mask in ((0, centre), (1, centre), (2, frame)):
+        for _ in range(6):
+            feats.append(means[cls] + rng.normal(0, 0.1, 3))
+            anns.append(annotation(len(anns) + 1, len(anns), 0, mask))
+    return np.array(feats, np.float32), anns
+
+
+def test_assign_clusters_drops_the_border_cluster_and_renumbers_the_rest():
+    feats, anns = _blob_masks()
+    km, _, kept = assign_clusters(feats, [dict(a) for a in anns], 2, seed=0, algorithm="lloyd", background=1)
+    assert [a["id"] for a in kept] == list(range(1, 13))  # the 6 frame masks (ids 13..18) are gone
+    assert (km.labels[12:] == -1).all() and set(km.labels[:12].tolist()) == {0, 1}
+    assert len(set(km.labels[:6].tolist())) == 1 and km.labels[0] != km.labels[6]  # one category per blob
+    assert {a["category_id"] for a in kept} == {1, 2}
+    assert all(a["category_id"] == label + 1 for a, label in zip(kept, km.labels, strict=False))
+
+
+def test_assign_clusters_without_background_keeps_every_mask_as_before():
+    feats, anns = _blob_masks()
+    km, _, kept = assign_clusters(feats, [dict(a) for a in anns], 3, seed=0, algorithm="lloyd")
+    plain = kmeans(whiten_l2(feats)[0], 3, 0, "lloyd")
+    assert len(kept) == 18 and km.labels.tolist() == plain.labels.tolist()
+    assert [a["category_id"] for a in kept] == (plain.labels + 1).tolist()

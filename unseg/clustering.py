@@ -12,7 +12,9 @@ Three ways to get a mask's feature:
 Features are whitened (each dimension divided by its std, no centring: ``scipy.cluster.vq.whiten``)
 and L2-normalised, then clustered by scikit-learn MiniBatchKMeans (the released code), faiss, or the
 project's full-batch Lloyd K-means in torch (``lloyd``), seeded.
-Cluster ids are label-free; ground truth enters only in evaluation (or the ``align_to_gt`` flag).
+Cluster ids are label-free; ground truth enters only in evaluation (or the ``align_to_gt`` flag). An extension,
+``background`` clusters: K-means with extra clusters, and the ones whose masks lie on the image border are dropped
+as background mined by mistake (:func:`assign_clusters`).
 """
 
 from __future__ import annotations
@@ -283,6 +285,28 @@ def mask_features(
     return (np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)), anns
 
 
+def border_fraction(mask: np.ndarray) -> float:
+    """Share of the image's border pixels (first and last row and column) inside an (H, W) bool mask."""
+    mask = np.asarray(mask, dtype=bool)
+    if min(mask.shape) <= 2:
+        return float(mask.mean())
+    ring = np.concatenate([mask[0], mask[-1], mask[1:-1, 0], mask[1:-1, -1]])
+    return float(ring.mean())
+
+
+def background_clusters(labels: np.ndarray, border: np.ndarray, k: int, n: int) -> np.ndarray:
+    """The ``n`` clusters (of ``k``) whose masks cover the most image border on average, most first.
+
+    The background prior of TokenCut and MaskCut (the same as ``mining.proposals: auto``) applied to whole
+    clusters: a cluster of masks that lie on the image border is the background mined by mistake, not an
+    object category. labels (M,) int in [0, k), border (M,) float -> (n,) int64; an empty cluster ranks last.
+    """
+    sums = np.bincount(labels, weights=border, minlength=k)
+    counts = np.bincount(labels, minlength=k)
+    mean = np.where(counts > 0, sums / np.maximum(counts, 1), -1.0)
+    return np.argsort(-mean, kind="stable")[:n].astype(np.int64)
+
+
 def assign_clusters(
     features: np.ndarray,
     anns: list[dict],
@@ -291,12 +315,30 @@ def assign_clusters(
     whiten: bool = True,
     algorithm: str = "minibatch",
     batch_size: int = 1000,
-) -> tuple[KMeansResult, np.ndarray]:
-    """K-means over the mask features; writes ``category_id = cluster + 1`` into ``anns``. Returns (result, std)."""
-    km, std = cluster_features(features, k, seed, whiten, algorithm, batch_size)
-    for ann, label in zip(anns, km.labels, strict=True):
-        ann["category_id"] = int(label) + 1
-    return km, std
+    background: int = 0,
+) -> tuple[KMeansResult, np.ndarray, list[dict]]:
+    """K-means over the mask features into ``k + background`` clusters; returns (result, std, kept annotations).
+
+    ``background`` = 0 (the paper): every mask is kept, ``category_id = cluster + 1``. With ``background`` = B > 0
+    (an extension), the B clusters whose masks cover the most image border (:func:`background_clusters`) are
+    background mined by mistake: their masks are dropped, and the other k clusters are numbered 1..k in cluster
+    order. ``result.labels`` holds each mask's final 0-based category, -1 for a dropped one.
+    """
+    km, std = cluster_features(features, k + background, seed, whiten, algorithm, batch_size)
+    labels = km.labels
+    if background:
+        border = np.array([border_fraction(coco.decode_rle(a["segmentation"])) for a in anns])
+        dropped = background_clusters(labels, border, k + background, background)
+        keep = np.setdiff1d(np.arange(k + background), dropped)
+        relabel = np.full(k + background, -1, dtype=np.int64)
+        relabel[keep] = np.arange(k)
+        labels = relabel[labels]
+    kept = []
+    for ann, label in zip(anns, labels, strict=True):
+        if label >= 0:
+            ann["category_id"] = int(label) + 1
+            kept.append(ann)
+    return KMeansResult(labels, km.centers), std, kept
 
 
 def align_to_ground_truth(

@@ -147,9 +147,10 @@ class Mining:
 
 @dataclass(frozen=True)
 class Cluster:
-    input: str = p("masked", choices=("masked", "bbox_crop", "patch_mean"))  # paper text | released code | extension
+    input: str = p("patch_mean", choices=("masked", "bbox_crop", "patch_mean"))  # paper | released code | extension
     classes: int = p(4, lo=1)  # expected number of object categories (C)
     overcluster: int = p(1, lo=1)  # K-means k = classes * overcluster
+    background_clusters: int = p(1, lo=0)  # extension: this many more clusters, the most border-bound dropped
     whiten: bool = p(True)
     algorithm: str = p("minibatch", choices=("minibatch", "faiss", "lloyd"))
     kmeans_batch_size: int = p(1000, lo=1)
@@ -203,7 +204,7 @@ class Distill:
 
 @dataclass(frozen=True)
 class Filter:
-    tau: float = p(0.7, lo=0, hi=1)  # keep predictions with score > tau (paper Sec. 3.3: 0.9)
+    tau: float = p(0.3, lo=0, hi=1)  # keep predictions with score > tau (paper Sec. 3.3: 0.9)
     inclusive: bool = p(False)  # score >= tau (released script)
     overlap: str = p("confidence", choices=("confidence", "overwrite", "released"))
     uncertain_score: float | None = p(0.5, lo=0, hi=1)  # dropped masks >= this: ignored, not background

@@ -69,8 +69,10 @@ def cluster_mined(
     upsample: str = "nearest",
     batch_size: int = 32,
     kmeans_batch_size: int = 1000,
+    background: int = 0,
 ) -> list[dict]:
-    """K-means over the CLS features of the non-empty mined masks: COCO annotations, category = cluster + 1."""
+    """K-means over the CLS features of the non-empty mined masks: COCO annotations, category = cluster + 1
+    (``background`` more clusters, dropped: :func:`unseg.clustering.assign_clusters`)."""
 
     def items():
         for m in mined:
@@ -79,5 +81,4 @@ def cluster_mined(
                 yield m.entry.id, image, mask, m.geom
 
     feats, anns = clustering.mask_features(model, items(), input_mode, device, batch_size, upsample)
-    clustering.assign_clusters(feats, anns, k, seed, whiten, algorithm, kmeans_batch_size)
-    return anns
+    return clustering.assign_clusters(feats, anns, k, seed, whiten, algorithm, kmeans_batch_size, background)[2]

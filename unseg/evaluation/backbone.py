@@ -223,12 +223,13 @@ def front_half_row(model, mined: list, params: Params, index, val, val_gts, devi
     c, m, f = params.cluster, params.mining, params.features
     masks = sum(int(mask.any()) for image in mined for mask in image.masks())
     # the validation split alone may hold fewer masks than the pipeline's k (COCO-MINI: 79 masks, k = 80)
-    k = min(c.classes * c.overcluster, masks)
-    if k == 0:
-        return {"note": "the random-init ViT mined no mask on the validation split"}
+    k = min(c.classes * c.overcluster, masks - c.background_clusters)
+    if k <= 0:
+        return {"note": "the random-init ViT mined too few masks on the validation split"}
     anns = cluster_mined(
-        model, mined, c.input, k, c.seed, device, c.whiten, c.algorithm, m.upsample, f.batch_size, c.kmeans_batch_size
-    )
+        model, mined, c.input, k, c.seed, device, c.whiten, c.algorithm, m.upsample, f.batch_size,
+        c.kmeans_batch_size, c.background_clusters,
+    )  # fmt: skip
     by_image = group_by_image(anns)
     preds = (rasterise_annotations(by_image.get(e.id, []), e.height, e.width) for e in val)
     row = score_label_maps(zip(preds, val_gts, strict=True), k + 1, len(index.classes), index.ignore_index)

@@ -148,6 +148,10 @@ def test_assign_clusters_drops_the_border_cluster_and_renumbers_the_rest():
     assert len(set(km.labels[:6].tolist())) == 1 and km.labels[0] != km.labels[6]  # one category per blob
     assert {a["category_id"] for a in kept} == {1, 2}
     assert all(a["category_id"] == label + 1 for a, label in zip(kept, km.labels, strict=False))
+    # centres in category order: each kept mask's feature is nearest its own category's centre
+    x = whiten_l2(feats)[0]
+    nearest = ((x[:, None] - km.centers[None]) ** 2).sum(-1).argmin(1)
+    assert (nearest == np.where(km.labels >= 0, km.labels, 2)).all()
 
 
 def test_assign_clusters_without_background_keeps_every_mask_as_before():

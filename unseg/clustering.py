@@ -322,23 +322,24 @@ def assign_clusters(
     ``background`` = 0 (the paper): every mask is kept, ``category_id = cluster + 1``. With ``background`` = B > 0
     (an extension), the B clusters whose masks cover the most image border (:func:`background_clusters`) are
     background mined by mistake: their masks are dropped, and the other k clusters are numbered 1..k in cluster
-    order. ``result.labels`` holds each mask's final 0-based category, -1 for a dropped one.
+    order. ``result.labels`` holds each mask's final 0-based category, -1 for a dropped one; ``result.centers``
+    the kept clusters' centres in category order, then the dropped ones'.
     """
     km, std = cluster_features(features, k + background, seed, whiten, algorithm, batch_size)
-    labels = km.labels
+    labels, centers = km.labels, km.centers
     if background:
         border = np.array([border_fraction(coco.decode_rle(a["segmentation"])) for a in anns])
         dropped = background_clusters(labels, border, k + background, background)
         keep = np.setdiff1d(np.arange(k + background), dropped)
         relabel = np.full(k + background, -1, dtype=np.int64)
         relabel[keep] = np.arange(k)
-        labels = relabel[labels]
+        labels, centers = relabel[labels], centers[np.concatenate([keep, dropped])]
     kept = []
     for ann, label in zip(anns, labels, strict=True):
         if label >= 0:
             ann["category_id"] = int(label) + 1
             kept.append(ann)
-    return KMeansResult(labels, km.centers), std, kept
+    return KMeansResult(labels, centers), std, kept
 
 
 def align_to_ground_truth(

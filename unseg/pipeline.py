@@ -71,7 +71,7 @@ def cluster_mined(
     kmeans_batch_size: int = 1000,
     background: int = 0,
 ) -> list[dict]:
-    """K-means over the CLS features of the non-empty mined masks: COCO annotations, category = cluster + 1
+    """K-means over one feature per non-empty mined mask: COCO annotations, category = cluster + 1
     (``background`` more clusters, dropped: :func:`unseg.clustering.assign_clusters`)."""
 
     def items():

@@ -7,7 +7,6 @@ import torch
 from unseg.clustering import (
     assign_clusters,
     background_clusters,
-    border_fraction,
     kmeans,
     kmeans_pp,
     lloyd_kmeans,
@@ -104,16 +103,6 @@ def test_lloyd_refills_an_emptied_cluster_with_a_data_row_never_a_0_over_0_mean(
         centers = lloyd_kmeans(x, 3, seed=seed, n_init=1)
         assert all(any(torch.equal(c, row) for row in x) for c in centers)
         assert float(nearest_center(x, centers)[1].sum()) == 0
-
-
-def test_border_fraction_counts_each_border_pixel_once():
-    mask = np.zeros((4, 5), bool)
-    mask[0, :] = True  # the top row: 5 of the 14 border pixels
-    mask[2, 2] = True  # inside: not border
-    assert border_fraction(mask) == 5 / 14
-    mask[1:3, 0] = True  # 2 more on the left column
-    assert border_fraction(mask) == 7 / 14
-    assert border_fraction(np.ones((3, 3), bool)) == 1.0
 
 
 def test_background_clusters_rank_clusters_by_mean_border_share():

@@ -253,3 +253,14 @@ def test_more_masks_per_image_rerun_the_rule_on_the_tokens_left():
     # a fourth round has no token left: its mask is empty
     four = mine_masks(logits, keys, (6, 6), MiningConfig(**cfg, masks_per_image=4))
     assert torch.equal(four.label, three.label)
+
+
+def test_border_fraction_counts_each_border_pixel_once_on_a_pixel_grid():
+    # background_clusters' use: one (H, W) pixel mask at a time
+    mask = torch.zeros(4, 5, dtype=torch.bool)
+    mask[0, :] = True  # the top row: 5 of the 14 border pixels
+    mask[2, 2] = True  # inside: not border
+    assert float(border_fraction(mask.view(1, -1), (4, 5))[0]) == pytest.approx(5 / 14)
+    mask[1:3, 0] = True  # 2 more on the left column
+    assert float(border_fraction(mask.view(1, -1), (4, 5))[0]) == pytest.approx(7 / 14)
+    assert float(border_fraction(torch.ones(1, 9, dtype=torch.bool), (3, 3))[0]) == 1.0

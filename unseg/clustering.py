@@ -37,6 +37,7 @@ from unseg.data.transforms import (
     vit_input,
 )
 from unseg.errors import UserError
+from unseg.mining import border_fraction
 
 
 def masked_input(image: np.ndarray, token_mask: np.ndarray, geom: Geometry) -> torch.Tensor:
@@ -285,13 +286,9 @@ def mask_features(
     return (np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)), anns
 
 
-def border_fraction(mask: np.ndarray) -> float:
-    """Share of the image's border pixels (first and last row and column) inside an (H, W) bool mask."""
-    mask = np.asarray(mask, dtype=bool)
-    if min(mask.shape) <= 2:
-        return float(mask.mean())
-    ring = np.concatenate([mask[0], mask[-1], mask[1:-1, 0], mask[1:-1, -1]])
-    return float(ring.mean())
+def _pixel_border_fraction(mask: np.ndarray) -> float:
+    """Share of the image's border pixels inside an (H, W) mask: :func:`unseg.mining.border_fraction` on pixels."""
+    return float(border_fraction(torch.from_numpy(mask.astype(bool)).reshape(1, -1), mask.shape)[0])
 
 
 def background_clusters(labels: np.ndarray, border: np.ndarray, k: int, n: int) -> np.ndarray:
@@ -328,7 +325,7 @@ def assign_clusters(
     km, std = cluster_features(features, k + background, seed, whiten, algorithm, batch_size)
     labels, centers = km.labels, km.centers
     if background:
-        border = np.array([border_fraction(coco.decode_rle(a["segmentation"])) for a in anns])
+        border = np.array([_pixel_border_fraction(coco.decode_rle(a["segmentation"])) for a in anns])
         dropped = background_clusters(labels, border, k + background, background)
         keep = np.setdiff1d(np.arange(k + background), dropped)
         relabel = np.full(k + background, -1, dtype=np.int64)

@@ -4,7 +4,8 @@ Reads: params ``filter``; the image index and ``predictions.json``. Writes ``sem
 map per image: 0 = background, c = pseudo-label category c) for every image, and a summary json.
 Per image: keep predictions with score > tau (``filter.inclusive``: >=); if none passes, keep the most
 confident one; where kept masks overlap the more confident wins (``filter.overlap: confidence``, the
-paper; ``overwrite``/``released`` reproduce the released code, whose overlap check is broken).
+paper; ``overwrite``/``released`` reproduce the released code, whose overlap check is broken). With
+``filter.overlap_iou`` set, a kept mask overlapping a more confident kept one by more IoU is dropped whole.
 """
 
 from __future__ import annotations
@@ -28,10 +29,25 @@ def main(args, params) -> None:
     labels, kept_counts = [], []
     for e in progress(index.images, desc="filter"):
         zero_based = [{**p, "category_id": int(p["category_id"]) - 1} for p in preds.get(e.id, [])]
-        label, kept = filter_image(zero_based, e.height, e.width, f.tau, f.inclusive, f.overlap, f.uncertain_score)
+        label, kept = filter_image(
+            zero_based,
+            e.height,
+            e.width,
+            tau=f.tau,
+            inclusive=f.inclusive,
+            overlap=f.overlap,
+            uncertain_score=f.uncertain_score,
+            overlap_iou=f.overlap_iou,
+        )
         labels.append(label)
         kept_counts.append(len(kept))
-    attrs = {"kind": "semantic pseudo-ground-truth", "background": 0, "tau": f.tau, "overlap": f.overlap}
+    attrs = {
+        "kind": "semantic pseudo-ground-truth",
+        "background": 0,
+        "tau": f.tau,
+        "overlap": f.overlap,
+        "overlap_iou": f.overlap_iou,
+    }
     store.write_semantic(args.out, np.array([e.id for e in index.images]), labels, attrs)
     summary = {
         "images": len(labels),

@@ -7,7 +7,7 @@ import pytest
 
 from unseg.coco import annotation
 from unseg.errors import UserError
-from unseg.filtering import filter_image, rasterise_semantic, select_confident
+from unseg.filtering import filter_image, mask_iou, rasterise_semantic, select_confident, suppress_overlaps
 
 
 def box_mask(h, w, y0, y1, x0, x1) -> np.ndarray:
@@ -225,3 +225,60 @@ def test_uncertain_masks_are_ignored_not_background():
     expected[box_mask(h, w, 2, 6, 2, 8) & ~box_mask(h, w, 0, 4, 0, 4)] = 255
     np.testing.assert_array_equal(label, expected)
     assert (label[0:4, 0:4] == 2).all() and (label[7:10, 0:3] == 0).all()
+
+
+# ---------------------------------------------------------------- mask-level overlap (filter.overlap_iou)
+
+
+def test_mask_iou_by_hand():
+    a = box_mask(8, 8, 0, 4, 0, 4)  # 16 px
+    b = box_mask(8, 8, 2, 6, 0, 4)  # 16 px, 8 shared -> 8 / 24
+    empty = np.zeros((8, 8), bool)
+    iou = mask_iou(np.stack([a, b, empty, empty]))
+    assert iou[0, 1] == iou[1, 0] == 8 / 24
+    assert iou[0, 0] == 1.0 and iou[0, 2] == 0.0 and iou[2, 3] == 0.0  # two empty masks: 0, not nan
+
+
+def test_suppress_drops_the_weaker_copy_and_keeps_neighbours():
+    h = w = 12
+    ranked = np.stack(
+        [
+            box_mask(h, w, 0, 6, 0, 6),  # A: 36 px
+            box_mask(h, w, 0, 6, 0, 7),  # A's copy: IoU 36/42 = 0.86 -> dropped
+            box_mask(h, w, 6, 12, 6, 12),  # disjoint -> kept
+            box_mask(h, w, 3, 9, 0, 6),  # half on A: IoU 18/54 = 0.33 -> kept at 0.5, dropped at 0.3
+        ]
+    )
+    assert suppress_overlaps(ranked, 0.5).tolist() == [0, 2, 3]
+    assert suppress_overlaps(ranked, 0.3).tolist() == [0, 2]
+    assert suppress_overlaps(ranked, 1.0).tolist() == [0, 1, 2, 3]
+
+
+def test_suppress_compares_with_kept_masks_only():
+    h, w = 4, 20
+    a = box_mask(h, w, 0, 4, 0, 10)
+    b = box_mask(h, w, 0, 4, 4, 14)  # IoU(a, b) = 24/56 = 0.43
+    c = box_mask(h, w, 0, 4, 8, 18)  # IoU(b, c) = 0.43, IoU(a, c) = 8/72 = 0.11
+    assert suppress_overlaps(np.stack([a, b, c]), 0.4).tolist() == [0, 2]  # b dropped, so c survives
+
+
+def test_filter_image_overlap_iou_drops_a_duplicate_under_another_category():
+    h, w = 10, 12
+    preds = predictions(
+        h,
+        w,
+        [
+            ((2, 7, 2, 7), 1, 0.95),  # the object
+            ((1, 8, 1, 8), 3, 0.80),  # the same object, another cluster, a wider mask: IoU 25/49 = 0.51
+            ((0, 3, 9, 12), 2, 0.60),  # another object
+        ],
+    )
+    pixel, kept_pixel = filter_image(preds, h, w, tau=0.5)
+    assert len(kept_pixel) == 3 and pixel[1, 1] == 4  # per pixel: the copy's rim is painted as a second object
+    label, kept = filter_image(preds, h, w, tau=0.5, overlap_iou=0.5, uncertain_score=0.5)
+    assert [p["score"] for p in kept] == [0.95, 0.60]
+    expected = np.zeros((h, w), np.uint8)
+    expected[2:7, 2:7] = 2
+    expected[0:3, 9:12] = 3
+    np.testing.assert_array_equal(label, expected)  # the rim is background, not ignored: a copy is not unsure
+    assert len(filter_image(preds, h, w, tau=0.5, overlap_iou=0.6)[1]) == 3

@@ -2,7 +2,10 @@
 
 Paper Sec. 3.3 and 4.1: keep the masks with score s > tau (tau = 0.9); when none passes, keep the
 single most confident one; where kept masks overlap, the more confident wins; a kept mask of
-category c paints 1 + c (0 is background). The released ``gen_segmentation.py`` differs in two ways
+category c paints 1 + c (0 is background). "We only keep the most confident mask when two candidates
+overlap" is also read at mask level, as a param: with ``overlap_iou`` set, a kept mask whose IoU with a more
+confident kept mask exceeds it is dropped whole (:func:`suppress_overlaps`, greedy class-agnostic mask NMS).
+The released ``gen_segmentation.py`` differs in two ways
 (reference.md §1.1 "Confidence filtering", §1.4 item 6): it keeps s >= tau, and its overlap test is
 broken by integer indexing, so later (weaker) masks usually overwrite earlier ones. Both readings
 are selectable here.
@@ -41,6 +44,31 @@ def select_confident(scores: np.ndarray, tau: float, inclusive: bool = False) ->
     passed = scores[order] >= tau if inclusive else scores[order] > tau
     kept = order[passed] if passed.any() else order[:1]
     return kept.astype(np.int64)
+
+
+def mask_iou(masks: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of boolean masks: (N, H, W) -> (N, N) float64; two empty masks have IoU 0."""
+    flat = np.asarray(masks, dtype=bool).reshape(len(masks), -1).astype(np.float64)
+    inter = flat @ flat.T
+    area = flat.sum(1)
+    union = area[:, None] + area[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def suppress_overlaps(masks: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Indices (into ``masks``, ranked most confident first) of the masks kept by greedy mask NMS.
+
+    Walking down the ranking, a mask is kept unless its IoU with an already kept mask exceeds
+    ``iou_threshold``, whatever the categories: Mask R-CNN's NMS is per class, so one object is often
+    detected twice under two clusters, and the weaker copy's rim would be painted as a second object.
+    masks (N, H, W) bool in decreasing confidence -> (M,) int64, increasing.
+    """
+    iou = mask_iou(masks)
+    kept: list[int] = []
+    for i in range(len(masks)):
+        if all(iou[i, j] <= iou_threshold for j in kept):
+            kept.append(i)
+    return np.array(kept, dtype=np.int64)
 
 
 def _released_skip(label: np.ndarray, mask: np.ndarray) -> bool:
@@ -119,24 +147,31 @@ def filter_image(
     inclusive: bool = False,
     overlap: str = "confidence",
     uncertain_score: float | None = None,
+    overlap_iou: float | None = None,
 ) -> tuple[np.ndarray, list[dict]]:
     """Semantic pseudo-label (H, W) uint8 of one image from its COCO result dicts, and the kept results.
 
     Each result needs ``segmentation`` (RLE at the image's resolution), ``category_id`` and ``score``.
-    Keeps :func:`select_confident` and paints with :func:`rasterise_semantic`. An image without
+    Keeps :func:`select_confident`, then, with ``overlap_iou`` set, :func:`suppress_overlaps` of those,
+    and paints with :func:`rasterise_semantic`. An image without
     predictions gets an all-background map (the released code writes no PNG for it).
     ``uncertain_score`` (an extension; None: off, the paper): background pixels covered by a dropped
     prediction scoring at least this are set to :data:`IGNORE` instead of background, so that an
-    object the filter was unsure of is not taught as background.
+    object the filter was unsure of is not taught as background (a mask dropped as the weaker copy of
+    an overlapping one is a duplicate, not an unsure object: it does not count).
     """
     scores = np.array([float(p["score"]) for p in predictions], dtype=np.float64)
     kept_idx = select_confident(scores, tau, inclusive)
+    masks = _decode_masks([predictions[i] for i in kept_idx], height, width)
+    confident_idx = kept_idx
+    if overlap_iou is not None and len(kept_idx):
+        survivors = suppress_overlaps(masks, overlap_iou)
+        kept_idx, masks = kept_idx[survivors], masks[survivors]
     kept = [predictions[i] for i in kept_idx]
-    masks = _decode_masks(kept, height, width)
     categories = np.array([int(p["category_id"]) for p in kept], dtype=np.int64)
     label = rasterise_semantic(masks, categories, np.array([float(p["score"]) for p in kept]), overlap)
     if uncertain_score is not None:
-        dropped = np.setdiff1d(np.arange(len(predictions)), kept_idx)
+        dropped = np.setdiff1d(np.arange(len(predictions)), confident_idx)
         unsure = [predictions[i] for i in dropped if scores[i] >= uncertain_score]
         if unsure:
             label[_decode_masks(unsure, height, width).any(0) & (label == 0)] = IGNORE

@@ -204,9 +204,10 @@ class Distill:
 
 @dataclass(frozen=True)
 class Filter:
-    tau: float = p(0.3, lo=0, hi=1)  # keep predictions with score > tau (paper Sec. 3.3: 0.9)
+    tau: float = p(0.1, lo=0, hi=1)  # keep predictions with score > tau (paper Sec. 3.3: 0.9)
     inclusive: bool = p(False)  # score >= tau (released script)
     overlap: str = p("confidence", choices=("confidence", "overwrite", "released"))
+    overlap_iou: float | None = p(0.5, lo=0, hi=1)  # drop a mask whose IoU with a more confident one exceeds this
     uncertain_score: float | None = p(0.5, lo=0, hi=1)  # dropped masks >= this: ignored, not background
 
 

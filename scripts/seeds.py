@@ -3,6 +3,10 @@
     python scripts/seeds.py run [--seeds 0 1 2] [--ceiling] [--hsg]   # one DVC experiment per seed
     python scripts/seeds.py collect [--seeds 0 1 2] [--ceiling]  # seeds.json and seeds.md
 
+A variant of the pipeline under the same seeds: ``--name scratch --set distill.backbone_weights=null --set
+deeplab.backbone_weights=null`` runs experiments ``scratch-<s>`` with those params on top, and ``collect --name
+scratch`` writes ``seeds_scratch.json`` / ``.md`` (``make seeds-scratch``: Mask R-CNN and DeepLab from scratch).
+
 ``run`` runs ``dvc exp run --temp -n seed-<s> -S cluster.seed=<s> -S distill.seed=<s> -S deeplab.seed=<s>``
 for each seed, one after the other (the root pipeline, plus the supervised ceiling of ``ceiling/dvc.yaml``
 with ``--ceiling``; ``evaluate_hsg`` of ``hsg/dvc.yaml`` with ``--hsg``, which seeds ``evaluate.seed`` too: the
@@ -35,15 +39,15 @@ def dvc(*args: str, capture: bool = False) -> str:
     return proc.stdout if capture else ""
 
 
-def run(seeds: list[int], ceiling: bool, hsg: bool) -> None:
+def run(seeds: list[int], ceiling: bool, hsg: bool, name: str = "seed", overrides: tuple[str, ...] = ()) -> None:
     targets = ["dvc.yaml", *(["ceiling/dvc.yaml"] if ceiling else []), *(["hsg/dvc.yaml"] if hsg else [])]
     seeded = (*SEEDED, "evaluate.seed") if hsg else SEEDED
     for s in seeds:
-        sets = [arg for key in seeded for arg in ("-S", f"{key}={s}")]
-        subprocess.run([sys.executable, "-m", "dvc", "exp", "remove", f"seed-{s}"], capture_output=True)
-        print(f"seeds: experiment seed-{s}", flush=True)
+        sets = [arg for key in seeded for arg in ("-S", f"{key}={s}")] + [a for o in overrides for a in ("-S", o)]
+        subprocess.run([sys.executable, "-m", "dvc", "exp", "remove", f"{name}-{s}"], capture_output=True)
+        print(f"seeds: experiment {name}-{s}", flush=True)
         # the resumable training dirs are untracked (persist, cache: false): copied so unchanged stages skip
-        dvc("exp", "run", "--temp", "-n", f"seed-{s}", "-C", "artifacts/scratch", *sets, *targets)
+        dvc("exp", "run", "--temp", "-n", f"{name}-{s}", "-C", "artifacts/scratch", *sets, *targets)
 
 
 def experiment_metrics(shown, names: set[str]) -> dict[str, dict]:
@@ -69,13 +73,13 @@ def experiment_metrics(shown, names: set[str]) -> dict[str, dict]:
     return found
 
 
-def collect(seeds: list[int], out: Path, ceiling: bool) -> None:
-    names = {f"seed-{s}" for s in seeds}
+def collect(seeds: list[int], out: Path, ceiling: bool, name: str = "seed") -> None:
+    names = {f"{name}-{s}" for s in seeds}
     runs = experiment_metrics(json.loads(dvc("exp", "show", "--json", "--all-commits", capture=True)), names)
     missing = sorted(names - set(runs))
     if missing:
         sys.exit(f"seeds: no finished experiment named {', '.join(missing)} (run: python scripts/seeds.py run)")
-    per_seed = [runs[f"seed-{s}"] for s in seeds]
+    per_seed = [runs[f"{name}-{s}"] for s in seeds]
     if not ceiling:  # the experiments only carry the committed ceiling.json: count it once, not once per seed
         for run_metrics in per_seed:
             run_metrics.pop("ceiling", None)
@@ -83,10 +87,11 @@ def collect(seeds: list[int], out: Path, ceiling: bool) -> None:
     workspace_ceiling = out / "ceiling.json"
     if not ceiling and workspace_ceiling.is_file():
         agg.update(aggregate([{"ceiling": json.loads(workspace_ceiling.read_text())}]))
+    stem = "seeds" if name == "seed" else f"seeds_{name}"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "seeds.json").write_text(json.dumps({"seeds": seeds, **agg}, indent=2) + "\n")
-    (out / "seeds.md").write_text(seeds_markdown(agg, seeds))
-    print((out / "seeds.md").read_text())
+    (out / f"{stem}.json").write_text(json.dumps({"seeds": seeds, **agg}, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(seeds_markdown(agg, seeds))
+    print((out / f"{stem}.md").read_text())
 
 
 def main() -> None:
@@ -95,12 +100,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ceiling", action="store_true", help="the ceiling per seed too (default: once, make ceiling)")
     ap.add_argument("--hsg", action="store_true", help="run: evaluate_hsg per seed too (evaluate.seed seeded)")
+    ap.add_argument("--name", default="seed", help="experiments <name>-<seed>; outputs seeds_<name>.* unless 'seed'")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run: a param on top of the seeds")
     ap.add_argument("--out", type=Path, default=Path("artifacts/metrics"))
     args = ap.parse_args()
     if args.command == "run":
-        run(args.seeds, args.ceiling, args.hsg)
+        run(args.seeds, args.ceiling, args.hsg, args.name, tuple(args.set))
     else:
-        collect(args.seeds, args.out, args.ceiling)
+        collect(args.seeds, args.out, args.ceiling, args.name)
 
 
 if __name__ == "__main__":

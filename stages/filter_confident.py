@@ -5,7 +5,7 @@ map per image: 0 = background, c = pseudo-label category c) for every image, and
 Per image: keep predictions with score > tau (``filter.inclusive``: >=); if none passes, keep the most
 confident one; where kept masks overlap the more confident wins (``filter.overlap: confidence``, the
 paper; ``overwrite``/``released`` reproduce the released code, whose overlap check is broken). With
-``filter.overlap_iou`` set, a kept mask overlapping a more confident kept one by more IoU is dropped whole.
+``filter.overlap_iou`` set, a kept mask whose IoU with a more confident kept one exceeds it is dropped whole.
 """
 
 from __future__ import annotations

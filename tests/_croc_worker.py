@@ -43,7 +43,8 @@ def run(workdir: Path, out: Path, alpha_s: float = 0.0, **overrides) -> None:
     train_croc(models, index.split("train"), t, CrOCConfig(alpha_s=alpha_s), ckpt, workdir / "log.csv", device, info)
     if info.is_main:
         torch.save(models.teacher.state_dict(), out)
+        torch.save(models.student.state_dict(), out.with_suffix(".student.pt"))
 
 
-if __name__ == "__main__":
-    run(Path(sys.argv[1]), Path(sys.argv[2]))
+if __name__ == "__main__":  # workdir, out[, alpha_s]
+    run(Path(sys.argv[1]), Path(sys.argv[2]), *(float(a) for a in sys.argv[3:4]))

@@ -105,6 +105,32 @@ def test_lloyd_refills_an_emptied_cluster_with_a_data_row_never_a_0_over_0_mean(
         assert float(nearest_center(x, centers)[1].sum()) == 0
 
 
+def test_lloyd_fits_a_capped_random_sample_like_faiss_and_all_rows_below_the_cap():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(1000, 4, generator=g) + 20, torch.randn(1000, 4, generator=g) - 20])
+    full = lloyd_kmeans(x, 2, seed=0, n_init=1, max_rows_per_center=None)
+    assert torch.equal(lloyd_kmeans(x, 2, seed=0, n_init=1, max_rows_per_center=1000), full)  # 2000 <= 2 * 1000
+    capped = lloyd_kmeans(x, 2, seed=0, n_init=1, max_rows_per_center=10)  # fitted on 20 rows
+    assert not torch.equal(capped, full)  # another fit...
+    for c in capped:  # ...that still finds both blobs, each centre within a noise std of its blob's mean
+        assert min(float((c - m).norm()) for m in (x[:1000].mean(0), x[1000:].mean(0))) < 1.0
+    assert torch.equal(lloyd_kmeans(x, 2, seed=0, n_init=1, max_rows_per_center=10), capped)  # seeded
+
+
+def test_lloyd_random_init_seeds_with_data_rows_and_recovers_separated_blobs():
+    rng = np.random.default_rng(1)
+    centres = 10 * rng.normal(size=(4, 8))
+    truth = rng.integers(0, 4, 400)
+    x = torch.from_numpy((centres[truth] + rng.normal(size=(400, 8))).astype(np.float32))
+    one_round = lloyd_kmeans(x, 4, seed=0, n_init=1, max_iter=0, init="random")  # the seeding itself
+    assert all(any(torch.equal(c, row) for row in x) for c in one_round)
+    labels = nearest_center(x, lloyd_kmeans(x, 4, seed=0, n_init=10, init="random"))[0]
+    pairs = set(zip(truth.tolist(), labels.tolist(), strict=True))
+    assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs}) == 4  # a bijection
+    with pytest.raises(ValueError, match="init"):
+        lloyd_kmeans(x, 4, seed=0, init="kmeans")
+
+
 def test_background_clusters_rank_clusters_by_mean_border_share():
     labels = np.array([0, 0, 1, 1, 1, 2, 3])
     border = np.array([0.1, 0.3, 0.9, 0.7, 0.8, 0.5, 0.0])  # means: 0.2, 0.8, 0.5, 0.0; cluster 4 is empty

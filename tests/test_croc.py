@@ -191,6 +191,22 @@ def test_number_of_clusters_is_chosen_by_transport_cost(n_groups):
         assert (a.valid.sum(-1) == n_groups).all()
 
 
+def test_per_image_generators_draw_the_same_seeds_whatever_the_batch():
+    # DDP hands images 0, 2, 4 to one process and 1, 3, 5 to the other: with one generator per image, an
+    # image's draws are those it gets in one process holding all six
+    marginals = torch.softmax(torch.randn(6 * 2, 20, generator=torch.Generator().manual_seed(0)), -1)  # 2 heads
+
+    def gens(images):
+        return [torch.Generator().manual_seed(50 + j) for j in images]
+
+    full = draw_seeds(marginals, 4, gens(range(6)))
+    rows = torch.tensor([r for j in (1, 3, 5) for r in (2 * j, 2 * j + 1)])
+    assert torch.equal(draw_seeds(marginals[rows], 4, gens([1, 3, 5])), full[rows])
+    assert all(len(set(r.tolist())) == 4 for r in full)  # distinct seeds per problem
+    with pytest.raises(ValueError, match="split evenly"):
+        draw_seeds(marginals, 4, gens(range(5)))
+
+
 def test_teacher_assignments_layout_matches_manual_assembly():
     g = torch.Generator().manual_seed(3)
     b, heads, n, d = 3, 2, 16, 8

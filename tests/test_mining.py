@@ -13,7 +13,7 @@ from unseg.mining import (
     component_of,
     mine_masks,
     topk_count,
-    topk_indices,
+    topk_members,
 )
 
 
@@ -58,8 +58,15 @@ def test_attention_mass_mask_keeps_the_top_half_of_the_mass():
 
 
 def test_topk_breaks_ties_by_lower_index():
-    a = torch.tensor([[0.0, 5.0, 0.0, 0.0, 5.0, 1.0]])
-    assert topk_indices(a, 4).tolist() == [[1, 4, 5, 0]]
+    a = torch.tensor([[0.0, 5.0, 0.0, 0.0, 5.0, 1.0], [2.0, 2.0, 2.0, 2.0, 2.0, 2.0]])
+    # row 0: 5, 5, 1, then the first of the three zeros; row 1: all tied, the first four
+    assert topk_members(a, 4).int().tolist() == [[1, 1, 0, 0, 1, 1], [1, 1, 1, 1, 0, 0]]
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 5, (64, 37), generator=g).float()  # many ties
+    for k in (1, 7, 36, 37):
+        first_k = torch.sort(a, dim=-1, descending=True, stable=True).indices[:, :k]
+        want = torch.zeros_like(a, dtype=torch.bool).scatter_(1, first_k, True)
+        assert torch.equal(topk_members(a, k), want), k
     assert topk_count(10, 0.4) == 4 and topk_count(3, 0.1) == 1 and topk_count(100, 0.3) == 30
 
 
@@ -86,19 +93,21 @@ def test_keep_component_drops_a_disconnected_region():
 
 def test_component_is_four_connected_not_eight():
     mask = torch.tensor([[[1, 0, 0], [0, 1, 0], [0, 1, 1]]], dtype=torch.bool)
-    comp = component_of(mask, torch.tensor([4]))  # seed at the centre
-    assert comp.int().tolist() == [[[0, 0, 0], [0, 1, 0], [0, 1, 1]]]
+    for method in ("label", "dilate"):
+        comp = component_of(mask, torch.tensor([4]), method=method)  # seed at the centre
+        assert comp.int().tolist() == [[[0, 0, 0], [0, 1, 0], [0, 1, 1]]]
 
 
 def test_component_matches_scipy_on_random_masks():
     g = torch.Generator().manual_seed(0)
     mask = torch.rand(16, 9, 11, generator=g) > 0.45
     seeds = torch.stack([torch.nonzero(m.view(-1))[0, 0] for m in mask])
-    comp = component_of(mask, seeds)
-    for b in range(16):
-        labels, _ = ndimage.label(mask[b].numpy())
-        want = labels == labels.flat[int(seeds[b])]
-        assert np.array_equal(comp[b].numpy(), want)
+    for method in ("label", "dilate"):  # the batched label must not join images: one image per call here
+        comp = component_of(mask, seeds, method=method)
+        for b in range(16):
+            labels, _ = ndimage.label(mask[b].numpy())
+            want = labels == labels.flat[int(seeds[b])]
+            assert np.array_equal(comp[b].numpy(), want), (method, b)
 
 
 def test_component_matches_scipy_on_thin_grids_and_seeds_outside_the_mask():
@@ -106,12 +115,13 @@ def test_component_matches_scipy_on_thin_grids_and_seeds_outside_the_mask():
     for shape in ((1, 13), (13, 1), (1, 1), (2, 7), (23, 31)):
         mask = torch.rand(8, *shape, generator=g) > 0.4
         seeds = torch.randint(0, shape[0] * shape[1], (8,), generator=g)  # some fall outside the mask
-        comp = component_of(mask, seeds)
-        for b in range(8):
-            labels, _ = ndimage.label(mask[b].numpy())
-            seed_label = labels.flat[int(seeds[b])]
-            want = (labels == seed_label) if seed_label else np.zeros(shape, bool)
-            assert np.array_equal(comp[b].numpy(), want), (shape, b)
+        for method in ("label", "dilate"):
+            comp = component_of(mask, seeds, method=method)
+            for b in range(8):
+                labels, _ = ndimage.label(mask[b].numpy())
+                seed_label = labels.flat[int(seeds[b])]
+                want = (labels == seed_label) if seed_label else np.zeros(shape, bool)
+                assert np.array_equal(comp[b].numpy(), want), (method, shape, b)
 
 
 def test_mass_mask_ties_follow_token_order_when_few_tokens_survive():

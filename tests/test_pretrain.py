@@ -56,8 +56,9 @@ def test_a_longer_schedule_stops_early_on_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_gloo_ddp_agrees_with_one_process(tmp_path):
-    worker.run(tmp_path, tmp_path / "single.pt")
+@pytest.mark.parametrize("alpha_s", [0.0, 1.0])  # 1.0: the CrOC centroid term on (the DINO term alone at 0)
+def test_two_process_gloo_ddp_agrees_with_one_process(tmp_path, alpha_s):
+    worker.run(tmp_path, tmp_path / "single.pt", alpha_s=alpha_s)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
@@ -69,16 +70,20 @@ def test_two_process_gloo_ddp_agrees_with_one_process(tmp_path):
         str(Path(__file__).parent / "_croc_worker.py"),
         str(tmp_path),
         str(tmp_path / "ddp.pt"),
+        str(alpha_s),
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
-    worst = max(float((single[k] - ddp[k]).abs().max()) for k in single)
-    assert worst < 1e-4, f"DDP and single-process teachers differ by {worst}"
     torch.manual_seed(0)
     init = trainer.build_models("vit_tiny_patch16_224", 8, 2, trainer.CrOCTraining(steps=1, crop_size=32))
-    moved = max(float((single[k] - v).abs().max()) for k, v in init.teacher.state_dict().items())
-    assert moved > 100 * worst, "training must move the weights far more than DDP and one process differ"
+    # the student takes the optimiser's steps; the EMA teacher moves by (1 - momentum) of that
+    for name, start in (("student", init.student), ("", init.teacher)):
+        suffix = f".{name}.pt" if name else ".pt"
+        single, ddp = torch.load(tmp_path / f"single{suffix}"), torch.load(tmp_path / f"ddp{suffix}")
+        worst = max(float((single[k] - ddp[k]).abs().max()) for k in single)
+        assert worst < 1e-4, f"DDP and single-process {name or 'teacher'} weights differ by {worst}"
+        moved = max(float((single[k] - v).abs().max()) for k, v in start.state_dict().items())
+        assert name == "" or moved > 100 * worst, "training must move the student far more than DDP changes it"
 
 
 @pytest.mark.slow

@@ -135,12 +135,13 @@ def kmeans(
     n_init: int = 3,
     max_iter: int | None = None,
     fit_rows: np.ndarray | None = None,
+    init: str = "k-means++",
 ) -> KMeansResult:
     """K-means with ``k`` clusters on rows of ``x`` (already whitened/normalised), deterministic given ``seed``.
 
     ``minibatch``: scikit-learn MiniBatchKMeans (``max_iter`` default 100); ``faiss``: faiss.Kmeans
     (``niter`` default 50, ``nredo = n_init``); ``lloyd``: :func:`lloyd_kmeans` (``max_iter`` default 50,
-    ``n_init`` seedings; ``batch_size`` unused). With ``fit_rows`` the centres are fitted on those rows
+    ``n_init`` seedings by ``init``; ``batch_size`` unused). With ``fit_rows`` the centres are fitted on those rows
     only and every row is then assigned to its nearest centre.
     """
     fit = x if fit_rows is None else x[fit_rows]
@@ -165,7 +166,7 @@ def kmeans(
         return KMeansResult(labels[:, 0].astype(np.int64), km.centroids.astype(np.float32))
     if algorithm == "lloyd":
         rows = torch.from_numpy(np.ascontiguousarray(fit, dtype=np.float32))
-        centers = lloyd_kmeans(rows, k, seed, n_init=n_init, max_iter=max_iter or 50)
+        centers = lloyd_kmeans(rows, k, seed, n_init=n_init, max_iter=max_iter or 50, init=init)
         labels = nearest_center(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), centers)[0]
         return KMeansResult(labels.numpy().astype(np.int64), centers.numpy())
     raise UserError(f"K-means algorithm must be 'minibatch', 'faiss' or 'lloyd', got {algorithm!r}")
@@ -179,12 +180,15 @@ def nearest_center(
     ``x_sq`` to reuse it), in row chunks of memory N_chunk * k."""
     x_sq = torch.linalg.vector_norm(x, dim=1) ** 2 if x_sq is None else x_sq
     c_sq = torch.linalg.vector_norm(centers, dim=1) ** 2
+    if len(x) <= chunk:  # one block: no split and concatenation (most calls; the K-means loop runs it often)
+        best, labels = torch.addmm(c_sq, x, centers.T, alpha=-2).min(1)
+        return labels, (best + x_sq).clamp_min_(0)
     labels, dists = [], []
     for part in x.split(chunk):
         best, label = torch.addmm(c_sq, part, centers.T, alpha=-2).min(1)
         labels.append(label)
         dists.append(best)
-    return torch.cat(labels), (torch.cat(dists) + x_sq).clamp_min(0)
+    return torch.cat(labels), (torch.cat(dists) + x_sq).clamp_min_(0)
 
 
 def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator, x_sq: torch.Tensor | None = None) -> torch.Tensor:
@@ -207,15 +211,35 @@ def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator, x_sq: torch.Tensor 
     return torch.stack(centers)
 
 
-def lloyd_kmeans(x: torch.Tensor, k: int, seed: int, n_init: int = 3, max_iter: int = 50) -> torch.Tensor:
-    """Full-batch Lloyd K-means on rows of ``x`` (N, D): k-means++ seeding, at most ``max_iter``
-    assign/update rounds (stops when no label changes), best inertia of ``n_init`` seedings. An
-    emptied cluster takes the row farthest from its nearest centre. Returns the centres (k, D)."""
+def lloyd_kmeans(
+    x: torch.Tensor,
+    k: int,
+    seed: int,
+    n_init: int = 3,
+    max_iter: int = 50,
+    init: str = "k-means++",
+    max_rows_per_center: int | None = 256,
+) -> torch.Tensor:
+    """Full-batch Lloyd K-means on rows of ``x`` (N, D): at most ``max_iter`` assign/update rounds (stops
+    when no label changes), best inertia of ``n_init`` seedings. An emptied cluster takes the row farthest
+    from its nearest centre. Returns the centres (k, D).
+
+    ``init``: ``k-means++`` (:func:`kmeans_pp`) or ``random`` (k distinct rows, as faiss seeds).
+    ``max_rows_per_center``: with more than k times that many rows, the centres are fitted on a seeded
+    random sample of that size (faiss's ``max_points_per_centroid``, default 256 there too); ``None``:
+    every row."""
     gen = torch.Generator().manual_seed(seed)
+    if max_rows_per_center is not None and len(x) > k * max_rows_per_center:
+        x = x[torch.randperm(len(x), generator=gen)[: k * max_rows_per_center]]
     x_sq = torch.linalg.vector_norm(x, dim=1) ** 2
     best, best_inertia = None, float("inf")
     for _ in range(n_init):
-        centers = kmeans_pp(x, k, gen, x_sq)
+        if init == "k-means++":
+            centers = kmeans_pp(x, k, gen, x_sq)
+        elif init == "random":
+            centers = x[torch.randperm(len(x), generator=gen)[:k]]
+        else:
+            raise ValueError(f"K-means init must be 'k-means++' or 'random', got {init!r}")
         labels = None
         for _ in range(max_iter):
             new_labels, d2 = nearest_center(x, centers, x_sq)
@@ -225,9 +249,10 @@ def lloyd_kmeans(x: torch.Tensor, k: int, seed: int, n_init: int = 3, max_iter: 
             sums = torch.zeros_like(centers).index_add_(0, labels, x)
             counts = torch.bincount(labels, minlength=k)
             centers = sums / counts.clamp_min(1)[:, None].to(x.dtype)
-            for empty in (counts == 0).nonzero()[:, 0]:
-                far = int(d2.argmax())
-                centers[empty], d2[far] = x[far], 0
+            if int(counts.min()) == 0:
+                for empty in (counts == 0).nonzero()[:, 0]:
+                    far = int(d2.argmax())
+                    centers[empty], d2[far] = x[far], 0
         else:  # out of rounds: the last update moved the centres
             d2 = nearest_center(x, centers, x_sq)[1]
         inertia = float(d2.sum())

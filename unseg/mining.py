@@ -29,7 +29,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from scipy import ndimage
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,8 @@ def cls_affinity(cls_logits: torch.Tensor, heads: int | None = None) -> torch.Te
         if heads > cls_logits.shape[-1]:
             raise ValueError(f"heads={heads} but the backbone has {cls_logits.shape[-1]} heads")
         cls_logits = cls_logits[..., :heads]
-    return cls_logits.float().mean(-1)
+    # contiguous first: a mean over a strided inner dim of 5 takes ~50x longer on CPU (same values)
+    return cls_logits.float().contiguous().mean(-1)
 
 
 def attention_mass_mask(a: torch.Tensor, mass: float) -> torch.Tensor:
@@ -64,9 +67,13 @@ def attention_mass_mask(a: torch.Tensor, mass: float) -> torch.Tensor:
     return torch.zeros_like(keep_sorted).scatter_(-1, idx, keep_sorted)
 
 
-def topk_indices(a: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, N) -> (B, k) indices of the k largest values, ties broken by the lower index."""
-    return torch.sort(a, dim=-1, descending=True, stable=True).indices[..., :k]
+def topk_members(a: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, N) -> (B, N) bool: the k largest values of each row, ties at the k-th value going to the lower
+    indices (the set a stable descending sort's first k holds, at a quarter of a sort's cost on CPU)."""
+    kth = torch.topk(a, k, dim=-1, sorted=False).values.min(-1, keepdim=True).values
+    above, tied = a > kth, a == kth
+    room = k - above.sum(-1, keepdim=True)  # how many of the tied values still fit, lowest index first
+    return above | (tied & (tied.cumsum(-1) <= room))
 
 
 def topk_count(n_tokens: int, fraction: float) -> int:
@@ -74,13 +81,16 @@ def topk_count(n_tokens: int, fraction: float) -> int:
     return max(1, int(fraction * n_tokens + 1e-9))
 
 
-def component_of(mask: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-    """(B, h, w) bool, (B,) flat seed index -> the 4-connected component of ``mask`` holding the seed.
-
-    Breadth-first growth by repeated 4-neighbour dilation (shifted ORs of bool tensors) restricted to the
-    mask; batched and on any device. Equal to ``scipy.ndimage.label`` (default cross structure) picking
-    the seed's label.
-    """
+def component_of(mask: torch.Tensor, seed: torch.Tensor, method: str = "auto") -> torch.Tensor:
+    """(B, h, w) bool, (B,) flat seed index -> the 4-connected component of ``mask`` holding the seed
+    (empty where the seed is outside the mask): ``scipy.ndimage.label`` (default cross structure) picking
+    the seed's label. ``method``: ``label`` runs scipy once on the whole batch (a 3-D structure with no
+    links between images), ``dilate`` grows the seed by repeated 4-neighbour dilation restricted to the
+    mask (shifted ORs, on any device); ``auto``: ``label`` on CPU, ``dilate`` elsewhere."""
+    if method == "auto":
+        method = "label" if mask.device.type == "cpu" else "dilate"
+    if method == "label":
+        return _component_by_label(mask, seed)
     b, h, w = mask.shape
     cur = torch.zeros(b, h * w, dtype=torch.bool, device=mask.device)
     cur[torch.arange(b, device=mask.device), seed] = True
@@ -95,6 +105,17 @@ def component_of(mask: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
         if torch.equal(grown, cur):
             return cur
         cur = grown
+
+
+_CROSS_WITHIN_IMAGES = np.zeros((3, 3, 3), dtype=bool)
+_CROSS_WITHIN_IMAGES[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
+
+
+def _component_by_label(mask: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    labels, _ = ndimage.label(mask.numpy(), structure=_CROSS_WITHIN_IMAGES)
+    flat = torch.from_numpy(labels).view(len(labels), -1)
+    seed_label = flat.gather(1, seed.view(-1, 1))
+    return ((flat == seed_label) & (seed_label > 0)).view(mask.shape)
 
 
 def border_fraction(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -116,6 +137,7 @@ class MinedMasks:
 
 
 PROPOSALS = ("top", "bottom", "auto")
+KEY_BYTES_PER_PASS = 12 << 20  # float32 keys of the images mined in one pass: a share of a CPU's L3 cache
 
 
 def mine_masks(cls_logits: torch.Tensor, keys: torch.Tensor, grid: tuple[int, int], cfg: MiningConfig) -> MinedMasks:
@@ -140,11 +162,12 @@ def mine_masks(cls_logits: torch.Tensor, keys: torch.Tensor, grid: tuple[int, in
         side = border_fraction(bottom, grid) < border_fraction(top, grid)
     else:
         side = torch.full((b,), cfg.proposals == "bottom", dtype=torch.bool, device=keys.device)
-    a = torch.where(side[:, None], -a, a)
+    if cfg.proposals != "top":
+        a = torch.where(side[:, None], -a, a)
     label = torch.zeros(b, n, dtype=torch.uint8, device=keys.device)
     first_source = None
     for m in range(1, cfg.masks_per_image + 1):
-        mask, source = _mine_side(a, keys, grid, cfg, available=label == 0)
+        mask, source = _mine_side(a, keys, grid, cfg, available=None if m == 1 else label == 0)
         label[mask] = m
         first_source = source if first_source is None else first_source
     return MinedMasks(mask=label > 0, source=first_source, bottom=side, label=label)
@@ -164,23 +187,38 @@ def _mine_side(
         a = a * attention_mass_mask(a, cfg.cls_mass)
     if available is not None:
         a = a.masked_fill(~available, float("-inf"))
-    proposals = topk_indices(a, topk_count(n, cfg.topk_fraction))  # P, (B, k)
-    source = proposals[:, 0]
-    keys = keys.float()
-    rows = torch.arange(b, device=keys.device)[:, None]
-    # (B, k, D) rows of P: index_select on the flattened keys (no (B, k, D) index tensor as gather needs;
-    # half the time of keys[rows, proposals] on CPU)
-    k_prop = keys.reshape(b * n, -1).index_select(0, (proposals + rows * n).reshape(-1)).view(b, -1, keys.shape[-1])
-    k_src = k_prop[:, 0]  # (B, D): the source is the first proposal
-    in_p_prime = torch.einsum("bd,bkd->bk", k_src, k_prop) > 0  # A[s, j] > 0 for j in P
-    if available is not None:
-        in_p_prime &= torch.gather(available, 1, proposals)
-    k_sum = torch.einsum("bk,bkd->bd", in_p_prime.float(), k_prop)  # Σ_{j∈P'} k_j
-    # Σ_{j∈P'} A[j, p] > 0, as the row vector k_sumᵀ times Kᵀ: on CPU torch runs this product 3-5x faster
-    # than K · k_sum (a batched matrix-vector product), which was most of the mining time
-    mask = torch.bmm(k_sum[:, None, :], keys.transpose(1, 2))[:, 0] > 0
+    in_p = topk_members(a, topk_count(n, cfg.topk_fraction))  # P as a (B, N) bool, k per row
+    source = a.argmax(-1)  # the best of P, the lower index on ties (as the stable top-k order's first)
+    proposals = in_p.nonzero()[:, 1].view(b, -1)  # (B, k) token indices of P, ascending
+    # a few images at a time, so that the three passes over their keys hit the CPU cache, not memory
+    step = max(1, KEY_BYTES_PER_PASS // (n * keys.shape[-1] * 4))
+    mask = torch.cat([
+        _affinity_mask(keys[i : i + step], proposals[i : i + step], source[i : i + step],
+                       None if available is None else available[i : i + step])
+        for i in range(0, b, step)
+    ])  # fmt: skip
     if available is not None:
         mask &= available
     if cfg.keep_component:
         mask = component_of(mask.view(b, *grid), source).view(b, n)
     return mask, source
+
+
+def _affinity_mask(
+    keys: torch.Tensor, proposals: torch.Tensor, source: torch.Tensor, available: torch.Tensor | None
+) -> torch.Tensor:
+    """Steps 4-5: (B, N, D) keys, (B, k) proposal indices P, (B,) sources -> (B, N) bool mask."""
+    b, n, d = keys.shape
+    keys = keys.float()
+    rows = torch.arange(b, device=keys.device)[:, None]
+    # (B, k, D) rows of P: index_select on the flattened keys (no (B, k, D) index tensor as gather needs;
+    # half the time of keys[rows, proposals] on CPU)
+    k_prop = keys.reshape(b * n, d).index_select(0, (proposals + rows * n).reshape(-1)).view(b, -1, d)
+    k_src = keys[rows[:, 0], source]  # (B, D)
+    in_p_prime = torch.einsum("bd,bkd->bk", k_src, k_prop) > 0  # A[s, j] > 0 for j in P
+    if available is not None:
+        in_p_prime &= torch.gather(available, 1, proposals)
+    k_sum = torch.einsum("bk,bkd->bd", in_p_prime.float(), k_prop)  # Σ_{j∈P'} k_j
+    # Σ_{j∈P'} A[j, p] > 0, as the row vector k_sumᵀ times Kᵀ: on CPU torch runs this product 3-5x faster
+    # than K · k_sum (a batched matrix-vector product)
+    return torch.bmm(k_sum[:, None, :], keys.transpose(1, 2))[:, 0] > 0

@@ -19,6 +19,7 @@ problems (Python loops only over merge levels and Sinkhorn iterations).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ from torch import nn
 
 from unseg.errors import UserError
 from unseg.models.vit import forward_with_qk
-from unseg.train.harness import all_reduce_mean, unwrap
+from unseg.train.harness import all_reduce_mean, differentiable_mean_over_processes, min_max_over_processes, unwrap
 
 
 @dataclass(frozen=True)
@@ -118,13 +119,23 @@ def seed_marginals(similarity: torch.Tensor, seeds: torch.Tensor, temp: float, u
     return F.softmax(similarity.gather(1, seeds) / temp, dim=1)
 
 
-def draw_seeds(marginals: torch.Tensor, n_seeds: int, gen: torch.Generator) -> torch.Tensor:
+def draw_seeds(marginals: torch.Tensor, n_seeds: int, gen: torch.Generator | Sequence[torch.Generator]) -> torch.Tensor:
     """``n_seeds`` distinct token indices per problem, multinomial over ``marginals`` (P, n) -> (P, n_seeds).
 
-    The draw happens on ``gen``'s device (a CPU generator works for CUDA marginals).
+    ``gen``: one generator for all problems, or G generators, each drawing for its share of P / G
+    consecutive problems (one per image: an image's draws then do not depend on which other images share
+    its batch or process, so DDP draws what one process would). The draw happens on the generators'
+    device (a CPU generator works for CUDA marginals).
     """
-    probs = marginals.detach().to(gen.device, torch.float64)
-    return torch.multinomial(probs, n_seeds, replacement=False, generator=gen).to(marginals.device)
+    gens = [gen] if isinstance(gen, torch.Generator) else list(gen)
+    if len(marginals) % len(gens):
+        raise ValueError(f"{len(marginals)} problems do not split evenly over {len(gens)} generators")
+    probs = marginals.detach().to(gens[0].device, torch.float64)
+    if len(gens) > 1:
+        probs = probs.unflatten(0, (len(gens), -1))
+        draws = [torch.multinomial(p, n_seeds, False, generator=g) for p, g in zip(probs, gens, strict=True)]
+        return torch.cat(draws).to(marginals.device)
+    return torch.multinomial(probs, n_seeds, replacement=False, generator=gens[0]).to(marginals.device)
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -150,9 +161,11 @@ def transport_cost_matrix(
     tokens: torch.Tensor, centroids: torch.Tensor, distances: torch.Tensor, pos_alpha: float
 ) -> torch.Tensor:
     """M = −tokens·normalize(centroids)ᵀ + α D, min–max normalised over the **whole batch** tensor
-    (official behaviour, reference.md §2.4 item 4). tokens (P, n, d), centroids (P, k, d) -> (P, n, k)."""
+    (official behaviour, reference.md §2.4 item 4). Under DDP the whole batch is every process's (the
+    released code normalises per GPU), so that DDP clusters as one process with the global batch does.
+    tokens (P, n, d), centroids (P, k, d) -> (P, n, k)."""
     cost = -torch.einsum("pnd,pkd->pnk", tokens, F.normalize(centroids, dim=-1)) + pos_alpha * distances
-    low, high = cost.min(), cost.max()
+    low, high = min_max_over_processes(cost)
     return (cost - low) / (high - low).clamp_min(torch.finfo(cost.dtype).tiny)
 
 
@@ -288,7 +301,7 @@ def teacher_assignments(
     keys: torch.Tensor,
     patch_pos: torch.Tensor,
     cfg: CrOCConfig,
-    gen: torch.Generator,
+    gen: torch.Generator | Sequence[torch.Generator],
     num_prefix: int = 1,
 ) -> Assignments:
     """Locate and split on the teacher's last-block keys (reference.md §2.1 Locate 1–6, Drop 8).
@@ -303,7 +316,11 @@ def teacher_assignments(
 
 
 def _teacher_assignments(
-    keys: torch.Tensor, patch_pos: torch.Tensor, cfg: CrOCConfig, gen: torch.Generator, num_prefix: int
+    keys: torch.Tensor,
+    patch_pos: torch.Tensor,
+    cfg: CrOCConfig,
+    gen: torch.Generator | Sequence[torch.Generator],
+    num_prefix: int,
 ) -> Assignments:
     keys = F.normalize(_at_least_float32(keys.detach()), dim=-1)
     two_b, heads, _, _ = keys.shape
@@ -335,9 +352,10 @@ def pooled_centroids(
 
     tokens (2B, P + N, D) normalised output tokens (view-1 images then view-2 images, CLS at 0).
     C_v[b, h, k] = Σ_n w_v[b, h, n, k] z_v[b, n]; valid pairs only; then L2-normalised and rescaled to the
-    mean CLS-token norm of the 2B images. Returns (V, D) for view 1 and view 2 (pair i ↔ pair i).
+    mean CLS-token norm of the 2B images (of every process's images under DDP). Returns (V, D) for view 1
+    and view 2 (pair i ↔ pair i).
     """
-    cls_norm = tokens[:, 0].norm(dim=-1).mean()
+    cls_norm = differentiable_mean_over_processes(tokens[:, 0].norm(dim=-1).mean())  # of the global batch
     b = tokens.shape[0] // 2
     z = tokens[:, num_prefix:].unflatten(0, (2, b))  # (2, B, N, D)
     weights = assignments.weights.to(z.dtype)
@@ -349,14 +367,17 @@ def pooled_centroids(
 # ---------------------------------------------------------------- loss
 
 
-def _cross_view_ce(teacher_probs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """½ [CE(q₁, s₂) + CE(q₂, s₁)], each averaged over its M rows (0 when M = 0).
+def _cross_view_ce(
+    teacher_probs: torch.Tensor, student_logits: torch.Tensor, rows: float | None = None
+) -> torch.Tensor:
+    """½ [CE(q₁, s₂) + CE(q₂, s₁)], each summed over its M rows and divided by ``rows`` (default M; 0 when
+    there are no rows).
 
     teacher_probs, student_logits (2M, O): view-1 rows then view-2 rows.
     """
     q1, q2 = teacher_probs.chunk(2)
     ls1, ls2 = F.log_softmax(student_logits, dim=-1).chunk(2)
-    m = max(q1.shape[0], 1)
+    m = max(q1.shape[0] if rows is None else rows, 1)
     return ((-(q1 * ls2).sum()) + (-(q2 * ls1).sum())) / (2 * m)
 
 
@@ -399,7 +420,10 @@ class CrOCLoss(nn.Module):
         q = F.softmax((teacher_logits - self.center) / t_temp, dim=-1)
         q_c = F.softmax((teacher_centroid_logits - self.center_c) / t_temp_c, dim=-1)
         loss_d = _cross_view_ce(q, _at_least_float32(student_logits) / cfg.student_temp)
-        loss_c = _cross_view_ce(q_c, _at_least_float32(student_centroid_logits) / cfg.student_temp_c)
+        # centroid pairs differ per image, so under DDP each process divides its sum by the mean pair count
+        # of all processes: the averaged gradients are then those of one process averaging over every pair
+        pairs = float(all_reduce_mean(torch.tensor(float(q_c.shape[0] // 2), device=q_c.device)))
+        loss_c = _cross_view_ce(q_c, _at_least_float32(student_centroid_logits) / cfg.student_temp_c, pairs)
         if self.training:
             self.update_centers(teacher_logits, teacher_centroid_logits)
         metrics = {"teacher_entropy": _entropy(q), "teacher_entropy_c": _entropy(q_c)}
@@ -484,7 +508,7 @@ def croc_forward_loss(
     views: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
     pos: torch.Tensor,
     cfg: CrOCConfig,
-    gen: torch.Generator,
+    gen: torch.Generator | Sequence[torch.Generator],
     teacher_temp: float | None = None,
     teacher_temp_c: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:

@@ -173,7 +173,10 @@ def train_croc(
             g["lr"] = lr
             if i == 0:
                 g["weight_decay"] = wd
-        gen = torch.Generator(device="cpu").manual_seed(H.step_seed(t.seed, step, salt=3) + info.rank)
+        # one generator per image of the global batch (this process holds images rank, rank + world, ...):
+        # the clustering's random draws are then the same under DDP as in one process
+        base = H.step_seed(t.seed, step, salt=3)
+        gen = [torch.Generator().manual_seed(base + j) for j in range(info.rank, t.batch_size, info.world_size)]
         student.train()
         with H.autocast(device, t.amp):
             loss, logs = croc_forward_loss(

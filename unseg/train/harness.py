@@ -131,6 +131,41 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def min_max_over_processes(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of ``t`` over every process's tensor (of ``t`` alone without a process group); no gradient."""
+    low, high = t.detach().min(), t.detach().max()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        both = torch.stack([-low, high])  # one all-reduce: max of -min is -min
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        low, high = -both[0], both[1]
+    return low, high
+
+
+def differentiable_mean_over_processes(t: torch.Tensor) -> torch.Tensor:
+    """Mean of ``t`` over processes with gradients flowing back to every process (identity without a process
+    group): the backward all-reduces the gradients, so a loss that uses a batch statistic gets, after DDP's
+    gradient averaging, the gradients of one process holding the whole batch."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _AllReduceSum.apply(t) / dist.get_world_size()
+    return t
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; the gradient of each process's input is the sum of every process's gradient."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 

@@ -38,7 +38,9 @@ def photos(root: Path, n: int) -> list:
 
 
 @torch.no_grad()
-def extraction_ratio(entries, arch: str, patch: int, depth, short_side: int, batch: int) -> dict:
+def extraction_ratio(entries, arch: str, patch: int, depth, short_side: int, batch: int, workers: int = 0) -> dict:
+    """``extract_features``'s own loop (:func:`unseg.features.write_features`, ``workers`` decoding processes)
+    over a bare ``forward_features`` loop on the same batches pre-loaded as tensors."""
     model = create_vit(arch, patch, depth).eval()
     geoms = F.geometries(entries, short_side, patch, "pad")
     order = F.plan_order(geoms)
@@ -48,14 +50,7 @@ def extraction_ratio(entries, arch: str, patch: int, depth, short_side: int, bat
     try:
         start = time.perf_counter()
         writer = store.feature_writer(tmp / "f.zarr", grids, model.embed_dim, heads, {}, "bench")
-        for b in F.forward_images(model, entries, geoms, batch, torch.device("cpu")):
-            feats = F.batch_features(b.out)
-            writer.write(
-                b.positions[0],
-                {"keys": feats.keys, "cls_logits": feats.cls_logits, "cls_token": feats.cls_token,
-                 "grid": grids[b.positions], "input_size": np.array([geoms[i].resized for i in b.indices], np.int32),
-                 "image_id": np.array([entries[i].id for i in b.indices], np.int64)},
-            )  # fmt: skip
+        F.write_features(writer, model, entries, geoms, batch, torch.device("cpu"), workers, 0, len(entries))
         writer.finalize()
         pipeline = time.perf_counter() - start
         batches = F.plan_batches(geoms, order, batch)

@@ -8,6 +8,7 @@ bounded by one batch whatever the dataset size, and a DataLoader decodes images 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,19 +140,29 @@ def write_features(
     workers: int, lo: int, hi: int, on_images: Callable[[int], object] = lambda n: None,
 ) -> None:  # fmt: skip
     """Positions ``lo + writer.done .. hi-1`` of the grid-sorted order through the ViT into ``writer``, a
-    :func:`unseg.store.feature_writer` over exactly those ``hi - lo`` images (row 0 = position ``lo``)."""
+    :func:`unseg.store.feature_writer` over exactly those ``hi - lo`` images (row 0 = position ``lo``).
+
+    A batch is written (Zarr compression, which releases the GIL) in a thread while the next one runs
+    through the ViT; at most one write is in flight, and the store counts a batch only once it is written,
+    so an interrupted run resumes at the first batch not written."""
     grids = grids_in_order(geoms)
-    for batch in forward_images(model, entries, geoms, batch_size, device, workers, lo + writer.done, hi):
-        feats = batch_features(batch.out)
-        writer.write(
-            batch.positions[0] - lo,
-            {
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending, pending_images = None, 0
+        for batch in forward_images(model, entries, geoms, batch_size, device, workers, lo + writer.done, hi):
+            feats = batch_features(batch.out)
+            values = {
                 "keys": feats.keys,
                 "cls_logits": feats.cls_logits,
                 "cls_token": feats.cls_token,
                 "grid": grids[batch.positions],
                 "input_size": np.array([geoms[i].resized for i in batch.indices], np.int32),
                 "image_id": np.array([entries[i].id for i in batch.indices], np.int64),
-            },
-        )
-        on_images(len(batch.positions))
+            }
+            if pending is not None:
+                pending.result()  # in order, and a failed write stops the run here
+                on_images(pending_images)
+            pending = pool.submit(writer.write, batch.positions[0] - lo, values)
+            pending_images = len(batch.positions)
+        if pending is not None:
+            pending.result()
+            on_images(pending_images)

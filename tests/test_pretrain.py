@@ -82,8 +82,11 @@ def test_two_process_gloo_ddp_agrees_with_one_process(tmp_path, alpha_s):
         single, ddp = torch.load(tmp_path / f"single{suffix}"), torch.load(tmp_path / f"ddp{suffix}")
         worst = max(float((single[k] - ddp[k]).abs().max()) for k in single)
         assert worst < 1e-4, f"DDP and single-process {name or 'teacher'} weights differ by {worst}"
-        moved = max(float((single[k] - v).abs().max()) for k, v in start.state_dict().items())
-        assert name == "" or moved > 100 * worst, "training must move the student far more than DDP changes it"
+        # over the whole weight vector: the steps moved the student 1000x more than DDP differs from one process
+        # (element-wise, AdamW's m / sqrt(v) turns float noise on a near-zero gradient into an lr-sized step)
+        moved = sum(float((single[k] - v).square().sum()) for k, v in start.state_dict().items()) ** 0.5
+        apart = sum(float((single[k] - ddp[k]).square().sum()) for k in single) ** 0.5
+        assert name == "" or moved > 1000 * apart, f"training moved the student by {moved}, DDP differs by {apart}"
 
 
 @pytest.mark.slow

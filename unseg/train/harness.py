@@ -131,6 +131,17 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
+    """Each logged value averaged over processes (unchanged without a process group): under DDP the log, the
+    progress bar and the non-finite check see the global batch's loss, not rank 0's share of it, and every
+    rank stops together when it is not finite."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or not values:
+        return values
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    mean = all_reduce_mean(torch.tensor(list(values.values()), dtype=torch.float64, device=device))
+    return dict(zip(values, mean.tolist(), strict=True))
+
+
 def min_max_over_processes(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(min, max) of ``t`` over every process's tensor (of ``t`` alone without a process group); no gradient."""
     low, high = t.detach().min(), t.detach().max()
@@ -361,7 +372,7 @@ def train_loop(
     )
     for step in bar:
         torch.manual_seed(step_seed(seed, step, salt=2) + info.rank)
-        values = step_fn(step, next(batches))
+        values = mean_over_processes(step_fn(step, next(batches)))
         loss = values.get("loss")
         if loss is not None and not math.isfinite(loss):
             raise UserError(f"{desc}: the loss became {loss} at step {step}; lower the learning rate or clip gradients")

@@ -130,12 +130,9 @@ def draw_seeds(marginals: torch.Tensor, n_seeds: int, gen: torch.Generator | Seq
     gens = [gen] if isinstance(gen, torch.Generator) else list(gen)
     if len(marginals) % len(gens):
         raise ValueError(f"{len(marginals)} problems do not split evenly over {len(gens)} generators")
-    probs = marginals.detach().to(gens[0].device, torch.float64)
-    if len(gens) > 1:
-        probs = probs.unflatten(0, (len(gens), -1))
-        draws = [torch.multinomial(p, n_seeds, False, generator=g) for p, g in zip(probs, gens, strict=True)]
-        return torch.cat(draws).to(marginals.device)
-    return torch.multinomial(probs, n_seeds, replacement=False, generator=gens[0]).to(marginals.device)
+    probs = marginals.detach().to(gens[0].device, torch.float64).unflatten(0, (len(gens), -1))
+    draws = [torch.multinomial(p, n_seeds, False, generator=g) for p, g in zip(probs, gens, strict=True)]
+    return torch.cat(draws).to(marginals.device)
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:

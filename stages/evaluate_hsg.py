@@ -47,7 +47,7 @@ def main(args, params) -> None:
 
         def levels(entries, m=m):
             return [E.image_levels(m.net, m.fine, m.coarse, e, h.crop_size, cfg, h.superpixel_scale,
-                                   h.superpixel_min_size) for e in entries]  # fmt: skip
+                                   h.superpixel_sigma, h.superpixel_min_size) for e in entries]  # fmt: skip
 
         val_levels = levels(val)
         result[name] = E.level_scores(val_levels, val_gts, n, ignore, seed)

@@ -60,7 +60,8 @@ def main(args, params) -> None:
     torch.manual_seed(h.seed)
     models = build_models(training)
     ckpt = H.CheckpointDir(args.ckpt / "train", digest, info.is_main)
-    regions = args.ckpt / f"superpixels_scale{h.superpixel_scale:g}_min{h.superpixel_min_size}"  # kept across runs
+    sp = f"scale{h.superpixel_scale:g}_sigma{h.superpixel_sigma:g}_min{h.superpixel_min_size}"
+    regions = args.ckpt / f"superpixels_{sp}"  # kept across runs
     ran = train_hsg(models, entries, training, objective, ckpt, ckpt.path / "loss.csv", regions, device, info)
     if not info.is_main:
         return

@@ -2,6 +2,7 @@
 centroid contrast, the kNN graph, level-0 segments and NFCovering, against values computed by hand."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,6 +116,33 @@ def test_superpixels_cover_the_image():
     sp = G.superpixels(image, scale=50)
     assert sp.shape == (32, 32) and len(np.unique(sp[:, :16])) >= 1
     assert not set(np.unique(sp[:, :14])) & set(np.unique(sp[:, 18:]))  # no region spans the edge
+
+
+def test_tiny_superpixels_keep_generated_objects_whole_where_unsmoothed_ones_fragment_them():
+    from unseg.data import generated
+    from unseg.params import load_params
+
+    h = load_params(Path(__file__).parents[1] / "params.yaml").hsg
+
+    def covering(scale: float, sigma: float, min_size: int) -> float:
+        scores = []
+        for i in range(12):
+            image, semantic, _ = generated.render_sample(i, 0, 4, 3, 112, 112)
+            scores.append(nf_covering(semantic, G.superpixels(image, scale, sigma, min_size), 255))
+        return float(np.mean([c for c in scores if c is not None]))
+
+    assert covering(h.superpixel_scale, h.superpixel_sigma, h.superpixel_min_size) > 0.5  # measured 0.66
+    assert covering(100.0, 0.8, 20) < 0.3  # scikit-image's default smoothing: textures shatter objects (0.15)
+
+
+def test_hsg_learning_rate_one_schedule_or_one_per_stage():
+    from unseg.hsg.trainer import HSGTraining, learning_rate
+
+    one = HSGTraining(steps=100, stage1_steps=40, lr=0.1, warmup_steps=10, lr_milestones=(0.5,))
+    assert [learning_rate(s, one) for s in (0, 5, 10, 49, 50, 99)] == pytest.approx([0.01, 0.055, 0.1, 0.1, 0.01, 0.01])
+    two = HSGTraining(steps=100, stage1_steps=40, lr=0.1, stage2_lr=0.02, warmup_steps=10, lr_milestones=(0.5,))
+    got = [learning_rate(s, two) for s in (0, 19, 20, 39, 40, 45, 50, 69, 70, 99)]
+    assert got == pytest.approx([0.01, 0.1, 0.01, 0.01, 0.002, 0.011, 0.02, 0.02, 0.002, 0.002])
 
 
 def test_nf_covering_on_hand_made_partitions():

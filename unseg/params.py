@@ -260,12 +260,15 @@ class Hsg:  # pretrain_hsg: HSG (Ke et al. 2022); released values in configs/pap
     crop_scale_min: float = p(0.5, lo=0, hi=1, lo_open=True)
     crop_scale_max: float = p(1.0, lo=0, hi=1, lo_open=True)
     lr: float = p(0.01, lo=0, lo_open=True)
+    stage2_lr: float | None = p(0.008, lo=0, lo_open=True)  # null: one schedule; else stage 2 restarts at it
+    head_lr_mult: float = p(10.0, lo=0, lo_open=True)  # transformers and positional tables (released: 10)
     momentum: float = p(0.9, lo=0, hi=1)
     weight_decay: float = p(1e-4, lo=0)
     warmup_steps: int = p(20, lo=0)
     lr_milestones: list[float] = p([0.32, 0.56, 0.75])  # lr x0.1 at these fractions of the steps (released)
-    superpixel_scale: float = p(100.0, lo=0, lo_open=True)  # Felzenszwalb scale (stands in for OWT-UCM)
-    superpixel_min_size: int = p(20, lo=1)
+    superpixel_scale: float = p(300.0, lo=0, lo_open=True)  # Felzenszwalb scale (stands in for OWT-UCM)
+    superpixel_sigma: float = p(2.0, lo=0)  # Gaussian smoothing before Felzenszwalb, px
+    superpixel_min_size: int = p(50, lo=1)
     concentration: float = p(16.0, lo=0, lo_open=True)  # kappa
     kmeans_grid: list[int] = p([4, 4])  # level-0 spherical K-means grid init (released stage 2: 4x4)
     kmeans_iters: int = p(15, lo=1)
@@ -274,8 +277,8 @@ class Hsg:  # pretrain_hsg: HSG (Ke et al. 2022); released values in configs/pap
     weight_levels: float = p(0.1, lo=0)  # lambda_F, each level
     weight_grouping: float = p(1.0, lo=0)  # lambda_G (DMoN + collapse)
     weight_centroid: float = p(1.0, lo=0)
-    collapse_nodes: int | None = p(None, lo=1)  # null: n segments (paper); released: 256 (padded)
-    collapse_minus_one: bool = p(True)  # DMoN's -1 (released: false)
+    collapse_nodes: int | None = p(256, lo=1)  # null: n segments (paper); released: 256 (padded)
+    collapse_minus_one: bool = p(False)  # DMoN's -1 (released: false)
     amp: bool = p(True)
     device: str = p("auto", choices=DEVICES)
     workers: int = p(0, lo=0)

@@ -43,14 +43,15 @@ class ImageLevels:
 
 @torch.no_grad()
 def image_levels(net: EmbeddingFCN, fine: ClusteringTransformer, coarse: ClusteringTransformer, entry: ImageEntry,
-                 input_size: int, cfg: HSGConfig, superpixel_scale: float, min_size: int) -> ImageLevels:  # fmt: skip
+                 input_size: int, cfg: HSGConfig, superpixel_scale: float, sigma: float,
+                 min_size: int) -> ImageLevels:  # fmt: skip
     """Embeddings of one image resized to ``input_size`` squared, and its units at every level."""
     array = read_image(entry)
     x = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255
     x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=True, align_corners=False)
     emb, pos = net(x)
     _, d, h, w = emb.shape
-    sp = torch.from_numpy(G.superpixels(array, superpixel_scale, min_size=min_size))[None, None].float()
+    sp = torch.from_numpy(G.superpixels(array, superpixel_scale, sigma, min_size))[None, None].float()
     regions = F.interpolate(sp, size=(h, w), mode="nearest")[0].long()
     seg = level0_segments(emb, regions, cfg)[0]  # (h*w,)
     pixels = emb[0].permute(1, 2, 0).reshape(-1, d)

@@ -43,11 +43,14 @@ class HSGTraining:
     crop_scale_min: float = 0.5
     crop_scale_max: float = 1.0
     lr: float = 0.01
+    stage2_lr: float | None = None  # None: one schedule over all steps; else the full objective restarts at it
+    head_lr_mult: float = 1.0  # lr multiplier of the transformers and the positional tables (released: 10)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_steps: int = 20
     lr_milestones: tuple[float, ...] = (0.32, 0.56, 0.75)
     superpixel_scale: float = 100.0
+    superpixel_sigma: float = 0.8
     superpixel_min_size: int = 20
     amp: bool = True
     seed: int = 0
@@ -70,7 +73,7 @@ class TwoViewRegions:
             sp = np.load(path)
             if sp.shape == image.shape[:2]:
                 return sp
-        sp = superpixels(image, self.t.superpixel_scale, min_size=self.t.superpixel_min_size)
+        sp = superpixels(image, self.t.superpixel_scale, self.t.superpixel_sigma, self.t.superpixel_min_size)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")  # workers and ranks may race on an image
         np.save(tmp, sp)
         tmp.replace(path)
@@ -114,9 +117,17 @@ def build_models(t: HSGTraining, output_stride: int | None = None) -> HSGModels:
 
 
 def learning_rate(step: int, t: HSGTraining) -> float:
-    if step < t.warmup_steps:
-        return t.lr * (0.1 + 0.9 * step / t.warmup_steps)
-    return H.step_decay(t.lr, step, [int(f * t.steps) for f in t.lr_milestones])
+    """Warm-up from 0.1 lr, then x0.1 at each milestone (fractions of the schedule's length). One schedule over
+    all steps, or (``stage2_lr`` set, as released) one per stage: the full objective restarts at ``stage2_lr``."""
+    base, start, length = t.lr, 0, t.steps
+    if t.stage2_lr is not None:
+        length = t.stage1_steps
+        if step >= t.stage1_steps:
+            base, start, length = t.stage2_lr, t.stage1_steps, t.steps - t.stage1_steps
+    at = step - start
+    if at < t.warmup_steps:
+        return base * (0.1 + 0.9 * at / t.warmup_steps)
+    return H.step_decay(base, at, [int(f * length) for f in t.lr_milestones])
 
 
 def train_hsg(
@@ -129,15 +140,18 @@ def train_hsg(
         m.to(device)
     net = H.wrap_ddp(models.net, info, device, find_unused_parameters=True)
     fine, coarse = models.fine, models.coarse  # called once per image: their gradients are averaged by hand
-    opt = torch.optim.SGD([p for m in parts for p in m.parameters()], lr=t.lr, momentum=t.momentum,
-                          weight_decay=t.weight_decay)  # fmt: skip
+    heads = [*models.fine.parameters(), *models.coarse.parameters(), *models.net.position.parameters()]
+    head_ids = {id(p) for p in heads}
+    trunk = [p for p in models.net.parameters() if id(p) not in head_ids]
+    opt = torch.optim.SGD([{"params": trunk, "mult": 1.0}, {"params": heads, "mult": t.head_lr_mult}], lr=t.lr,
+                          momentum=t.momentum, weight_decay=t.weight_decay)  # fmt: skip
     batches = H.StepBatches(len(entries), t.batch_size, t.seed, TwoViewRegions(entries, t, cache), info)
     first_stage = replace(objective, hierarchy=False, kmeans_grid=(1, 1), kmeans_iters=1)
 
     def step_fn(step: int, batch) -> dict[str, float]:
         views, regions = batch
         for g in opt.param_groups:
-            g["lr"] = learning_rate(step, t)
+            g["lr"] = learning_rate(step, t) * g["mult"]
         net.train(), fine.train(), coarse.train()
         with H.autocast(device, t.amp):
             emb, pos = net(views.to(device, non_blocking=True))

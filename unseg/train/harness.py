@@ -103,16 +103,21 @@ def setup_distributed(device: torch.device) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def in_process_group() -> bool:
+    """Whether this process is one of several in an initialised process group (collectives needed)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def barrier() -> None:
     """Wait for every process of the group (no-op without one)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if in_process_group():
         dist.barrier()
 
 
 def average_gradients(modules: Sequence[torch.nn.Module]) -> None:
     """Mean over processes of the gradients of modules not wrapped in DDP (e.g. called several times per
     step); a parameter without a gradient counts as zeros. No-op without a process group."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not in_process_group():
         return
     for module in modules:
         for p in module.parameters():
@@ -124,7 +129,7 @@ def average_gradients(modules: Sequence[torch.nn.Module]) -> None:
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """Mean of ``t`` over processes (identity without a process group)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if in_process_group():
         t = t.clone()
         dist.all_reduce(t)
         t /= dist.get_world_size()
@@ -135,7 +140,7 @@ def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
     """Each logged value averaged over processes (unchanged without a process group): under DDP the log, the
     progress bar and the non-finite check see the global batch's loss, not rank 0's share of it, and every
     rank stops together when it is not finite."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or not values:
+    if not in_process_group() or not values:
         return values
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     mean = all_reduce_mean(torch.tensor(list(values.values()), dtype=torch.float64, device=device))
@@ -145,7 +150,7 @@ def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
 def min_max_over_processes(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(min, max) of ``t`` over every process's tensor (of ``t`` alone without a process group); no gradient."""
     low, high = t.detach().min(), t.detach().max()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if in_process_group():
         both = torch.stack([-low, high])  # one all-reduce: max of -min is -min
         dist.all_reduce(both, op=dist.ReduceOp.MAX)
         low, high = -both[0], both[1]
@@ -156,7 +161,7 @@ def differentiable_mean_over_processes(t: torch.Tensor) -> torch.Tensor:
     """Mean of ``t`` over processes with gradients flowing back to every process (identity without a process
     group): the backward all-reduces the gradients, so a loss that uses a batch statistic gets, after DDP's
     gradient averaging, the gradients of one process holding the whole batch."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if in_process_group():
         return _AllReduceSum.apply(t) / dist.get_world_size()
     return t
 

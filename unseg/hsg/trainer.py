@@ -140,18 +140,21 @@ def train_hsg(
         m.to(device)
     net = H.wrap_ddp(models.net, info, device, find_unused_parameters=True)
     fine, coarse = models.fine, models.coarse  # called once per image: their gradients are averaged by hand
-    heads = [*models.fine.parameters(), *models.coarse.parameters(), *models.net.position.parameters()]
-    head_ids = {id(p) for p in heads}
-    trunk = [p for p in models.net.parameters() if id(p) not in head_ids]
-    opt = torch.optim.SGD([{"params": trunk, "mult": 1.0}, {"params": heads, "mult": t.head_lr_mult}], lr=t.lr,
-                          momentum=t.momentum, weight_decay=t.weight_decay)  # fmt: skip
+    everything = [p for m in parts for p in m.parameters()]
+    if t.head_lr_mult == 1.0:  # one group
+        groups = [{"params": everything, "mult": 1.0}]
+    else:
+        heads = {id(p) for m in (models.fine, models.coarse, models.net.position) for p in m.parameters()}
+        groups = [{"params": [p for p in everything if id(p) not in heads], "mult": 1.0},
+                  {"params": [p for p in everything if id(p) in heads], "mult": t.head_lr_mult}]  # fmt: skip
+    opt = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     batches = H.StepBatches(len(entries), t.batch_size, t.seed, TwoViewRegions(entries, t, cache), info)
     first_stage = replace(objective, hierarchy=False, kmeans_grid=(1, 1), kmeans_iters=1)
 
     def step_fn(step: int, batch) -> dict[str, float]:
         views, regions = batch
         for g in opt.param_groups:
-            g["lr"] = learning_rate(step, t) * g["mult"]
+            g["lr"] = learning_rate(step, t) * g.get("mult", 1.0)
         net.train(), fine.train(), coarse.train()
         with H.autocast(device, t.amp):
             emb, pos = net(views.to(device, non_blocking=True))

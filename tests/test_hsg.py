@@ -145,6 +145,20 @@ def test_hsg_learning_rate_one_schedule_or_one_per_stage():
     assert got == pytest.approx([0.01, 0.1, 0.01, 0.01, 0.002, 0.011, 0.02, 0.02, 0.002, 0.002])
 
 
+def test_head_lr_multiplier_groups_exactly_the_transformers_and_positions():
+    from unseg.hsg.trainer import HSGTraining, build_models, param_groups
+
+    models = build_models(HSGTraining(backbone="resnet18", dim=16, fine_groups=4, coarse_groups=2))
+    every = [p for m in (models.net, models.fine, models.coarse) for p in m.parameters()]
+    (one,) = param_groups(models, 1.0)
+    assert [id(p) for p in one["params"]] == [id(p) for p in every] and one["mult"] == 1.0
+    trunk, heads = param_groups(models, 10.0)
+    expected = {id(p) for m in (models.fine, models.coarse, models.net.position) for p in m.parameters()}
+    assert {id(p) for p in heads["params"]} == expected and heads["mult"] == 10.0
+    assert {id(p) for p in trunk["params"]} == {id(p) for p in every} - expected and trunk["mult"] == 1.0
+    assert len(trunk["params"]) + len(heads["params"]) == len(every)
+
+
 def test_nf_covering_on_hand_made_partitions():
     gt = np.zeros((4, 4), np.int64)
     gt[:2, :2] = 1  # 4 px

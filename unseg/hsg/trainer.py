@@ -116,6 +116,17 @@ def build_models(t: HSGTraining, output_stride: int | None = None) -> HSGModels:
     )
 
 
+def param_groups(models: HSGModels, head_lr_mult: float) -> list[dict]:
+    """SGD groups, each with its lr multiplier ``mult``: one group when ``head_lr_mult`` is 1, else the trunk
+    and embedding head, then the transformers and positional tables (released: 10x lr)."""
+    everything = [p for m in (models.net, models.fine, models.coarse) for p in m.parameters()]
+    if head_lr_mult == 1.0:
+        return [{"params": everything, "mult": 1.0}]
+    heads = {id(p) for m in (models.fine, models.coarse, models.net.position) for p in m.parameters()}
+    return [{"params": [p for p in everything if id(p) not in heads], "mult": 1.0},
+            {"params": [p for p in everything if id(p) in heads], "mult": head_lr_mult}]  # fmt: skip
+
+
 def learning_rate(step: int, t: HSGTraining) -> float:
     """Warm-up from 0.1 lr, then x0.1 at each milestone (fractions of the schedule's length). One schedule over
     all steps, or (``stage2_lr`` set, as released) one per stage: the full objective restarts at ``stage2_lr``."""
@@ -140,14 +151,8 @@ def train_hsg(
         m.to(device)
     net = H.wrap_ddp(models.net, info, device, find_unused_parameters=True)
     fine, coarse = models.fine, models.coarse  # called once per image: their gradients are averaged by hand
-    everything = [p for m in parts for p in m.parameters()]
-    if t.head_lr_mult == 1.0:  # one group
-        groups = [{"params": everything, "mult": 1.0}]
-    else:
-        heads = {id(p) for m in (models.fine, models.coarse, models.net.position) for p in m.parameters()}
-        groups = [{"params": [p for p in everything if id(p) not in heads], "mult": 1.0},
-                  {"params": [p for p in everything if id(p) in heads], "mult": t.head_lr_mult}]  # fmt: skip
-    opt = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    opt = torch.optim.SGD(param_groups(models, t.head_lr_mult), lr=t.lr, momentum=t.momentum,
+                          weight_decay=t.weight_decay)  # fmt: skip
     batches = H.StepBatches(len(entries), t.batch_size, t.seed, TwoViewRegions(entries, t, cache), info)
     first_stage = replace(objective, hierarchy=False, kmeans_grid=(1, 1), kmeans_iters=1)
 

@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: repro test test-paper lint bench seeds seeds-scratch ceiling sheet clean-artifacts
+.PHONY: repro test test-paper lint bench seeds seeds-hsg ceiling sheet clean-artifacts
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,11 +42,12 @@ seeds: $(STAMP)
 	$(PY) scripts/seeds.py run --seeds $(SEEDS) --hsg
 	$(PY) scripts/seeds.py collect --seeds $(SEEDS)
 
-# the same seeds with Mask R-CNN and DeepLab from scratch instead of the HSG ResNet: seeds_scratch.json / .md
-seeds-scratch: $(STAMP)
-	$(PY) scripts/seeds.py run --seeds $(SEEDS) --name scratch --set distill.backbone_weights=null \
-		--set deeplab.backbone_weights=null
-	$(PY) scripts/seeds.py collect --seeds $(SEEDS) --name scratch
+# the same seeds with Mask R-CNN and DeepLab starting from the HSG ResNet (checkpoints/hsg_tiny.pth) instead of
+# from scratch: seeds_hsg.json / .md
+seeds-hsg: $(STAMP)
+	$(PY) scripts/seeds.py run --seeds $(SEEDS) --hsg --name hsg --set distill.backbone_weights=hsg \
+		--set deeplab.backbone_weights=hsg
+	$(PY) scripts/seeds.py collect --seeds $(SEEDS) --name hsg
 
 # README's picture: four random validation images at every stage, from the workspace run
 sheet: $(STAMP)

@@ -3,9 +3,9 @@
     python scripts/seeds.py run [--seeds 0 1 2] [--ceiling] [--hsg]   # one DVC experiment per seed
     python scripts/seeds.py collect [--seeds 0 1 2] [--ceiling]  # seeds.json and seeds.md
 
-A variant of the pipeline under the same seeds: ``--name scratch --set distill.backbone_weights=null --set
-deeplab.backbone_weights=null`` runs experiments ``scratch-<s>`` with those params on top, and ``collect --name
-scratch`` writes ``seeds_scratch.json`` / ``.md`` (``make seeds-scratch``: Mask R-CNN and DeepLab from scratch).
+A variant of the pipeline under the same seeds: ``--name hsg --set distill.backbone_weights=hsg --set
+deeplab.backbone_weights=hsg`` runs experiments ``hsg-<s>`` with those params on top, and ``collect --name hsg``
+writes ``seeds_hsg.json`` / ``.md`` (``make seeds-hsg``: Mask R-CNN and DeepLab from the HSG ResNet).
 
 ``run`` runs ``dvc exp run --temp -n seed-<s> -S cluster.seed=<s> -S distill.seed=<s> -S deeplab.seed=<s>``
 for each seed, one after the other (the root pipeline, plus the supervised ceiling of ``ceiling/dvc.yaml``

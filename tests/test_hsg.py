@@ -256,7 +256,8 @@ def test_pretrain_hsg_stage_trains_resumes_and_its_resnet_loads_into_deeplab(tmp
     raw = {
         "data": {"n_train": 6, "n_val": 2, "min_side": 64, "max_side": 80},
         "hsg": {"steps": 4, "stage1_steps": 2, "batch_size": 2, "crop_size": 64, "dim": 16, "fine_groups": 3,
-                "coarse_groups": 2, "kmeans_grid": [2, 2], "kmeans_iters": 2, "warmup_steps": 1, "ckpt_every": 2},
+                "coarse_groups": 2, "kmeans_grid": [2, 2], "kmeans_iters": 2, "warmup_steps": 1, "ckpt_every": 2,
+                "train": "auto"},
         "distill": {"backbone_weights": None}, "deeplab": {"backbone_weights": None},  # no consumer yet
     }  # fmt: skip
     params = parse_params(raw)

@@ -126,6 +126,7 @@ def test_relative_paths_reach_the_project_from_a_dvc_experiment_copy(tmp_path, m
     (copy / "checkpoints" / "vit.pth").write_bytes(b"")  # tracked files are in the copy: kept relative
     raw = {"data": {"dataset": "folder", "root": "../photos"}, "croc": {"reuse": "checkpoints/vit.pth"}}
     raw["hsg"] = {"reuse": "missing.pth"}
+    raw["distill"] = {"backbone_weights": "hsg"}
     for where in (project, copy):
         (where / "params.yaml").write_text(yaml.safe_dump(raw))
     assert experiment_workspace(copy) == project and experiment_workspace(project) is None

@@ -40,6 +40,7 @@ MICRO = {
     "evaluate": {"raw_kmeans_pixels": 5000, "probe_epochs": 2},
     "hsg": {
         "reuse": None,
+        "train": "auto",  # a placeholder unless a backbone_weights is hsg (one test sets one)
         "steps": 2,
         "stage1_steps": 1,
         "batch_size": 2,

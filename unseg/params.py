@@ -169,7 +169,7 @@ class Distill:
     backend: str = p("torchvision", choices=("torchvision", "detectron2"))
     backbone: str = p("resnet18", choices=("resnet18", "resnet34", "resnet50", "resnet101"))
     fpn: bool = p(True)  # FPN; false = C4 (the paper's R50-C4)
-    backbone_weights: str | None = p("hsg")  # hsg: pretrain_hsg's ResNet | local torchvision / MoCo | null: scratch
+    backbone_weights: str | None = p(None)  # hsg: pretrain_hsg's ResNet | local torchvision / MoCo | null: scratch
     trainable_layers: int = p(5, lo=0, hi=5)  # 5: all trainable; 3 = stem and layer1 frozen ("first two stages")
     steps: int = p(300, lo=1)
     batch_size: int = p(4, lo=1)
@@ -218,7 +218,7 @@ class Deeplab:
     aspp_rates: list[int] = p([12, 24, 36])
     decoder_channels: int | None = p(64, lo=1)  # extension: DeepLab-v3+ decoder on layer1 (null: v3, the paper)
     freeze_blocks: int = p(0, lo=0, hi=4)  # stem+layer1 (1), +layer2 (2), ...
-    backbone_weights: str | None = p("hsg")  # as distill.backbone_weights
+    backbone_weights: str | None = p(None)  # as distill.backbone_weights
     epochs: int = p(7, lo=1)
     batch_size: int = p(8, lo=1)
     lr: float = p(0.02, lo=0, lo_open=True)
@@ -246,7 +246,7 @@ class Deeplab:
 @dataclass(frozen=True)
 class Hsg:  # pretrain_hsg: HSG (Ke et al. 2022); released values in configs/paper.yaml
     reuse: str | None = p(None)  # a checkpoint this stage wrote with exactly these params and images
-    train: str = p("auto", choices=("auto", "always"))  # auto: only when a backbone_weights is hsg
+    train: str = p("always", choices=("auto", "always"))  # auto: only when a backbone_weights is hsg
     backbone: str = p("resnet18", choices=("resnet18", "resnet34", "resnet50", "resnet101"))
     dim: int = p(128, lo=8)  # pixel embedding dimension
     output_stride: int = p(16, choices=(8, 16, 32))  # released: 16 in training

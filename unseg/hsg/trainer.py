@@ -159,7 +159,7 @@ def train_hsg(
     def step_fn(step: int, batch) -> dict[str, float]:
         views, regions = batch
         for g in opt.param_groups:
-            g["lr"] = learning_rate(step, t) * g.get("mult", 1.0)
+            g["lr"] = learning_rate(step, t) * g["mult"]
         net.train(), fine.train(), coarse.train()
         with H.autocast(device, t.amp):
             emb, pos = net(views.to(device, non_blocking=True))

@@ -105,9 +105,17 @@ def bench_mining_vs_released() -> dict:
     ref = timed(reference, repeat=3)
     ours = mine_masks(logits_t, keys_t, grid, cfg).mask.numpy().reshape(images, *grid)
     theirs = reference()
+    n, d = grid[0] * grid[1], keys_t.shape[-1]
+    # where the time goes: the released rule is bound by the N x N x D Gram product (FLOPs), ours by three
+    # passes over the (N, D) float32 keys (memory), so the ratio is about N * bandwidth / (6 * FLOP rate)
+    big = torch.ones(1 << 27)  # 512 MB, far beyond any cache: the machine's read bandwidth
+    read_gb_per_s = big.numel() * 4 / timed(big.sum) / 1e9
     return {
         "images": images,
-        "tokens_per_image": grid[0] * grid[1],
+        "tokens_per_image": n,
+        "released_gram_gflop_per_s": images * 2 * n * n * d / ref / 1e9,
+        "vectorised_key_passes_gb_per_s": images * 3 * n * d * 4 / vec / 1e9,
+        "memory_read_gb_per_s": read_gb_per_s,
         "identical_masks": int(sum(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))),
         "token_agreement": float((ours == theirs).mean()),
         "mean_mask_fraction": float(ours.mean()),

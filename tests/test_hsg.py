@@ -77,6 +77,24 @@ def test_modularity_and_collapse_on_two_cliques():
     assert L.grouping_goodness(perfect, adj) < L.grouping_goodness(collapsed, adj)
 
 
+def test_with_more_groups_than_clusters_dmon_prefers_the_uniform_assignment_and_the_released_term_does_not():
+    """Why the tiny run's transformers sat at uniform with DMoN's term: two 6-node cliques, k = 8 groups.
+    Uniform: Q = 0 and equal column sums, so 1 - Q + collapse = 1 exactly. The true two-clique partition has
+    Q = 1/2 but column sums (6, 6, 0, ...): DMoN's collapse sqrt(8)/12 * 6 sqrt(2) - 1 = 1, total 1.5 > 1.
+    The released term (/256, no -1) charges it sqrt(8) * 6 sqrt(2) / 256 = 24/256: total 0.59375 < uniform's
+    1 + sqrt(8) * sqrt(8 * 1.5^2) / 256 = 1.046875."""
+    adj = two_cliques(12)
+    k = 8
+    uniform = torch.full((12, k), 1 / k)
+    truth = F.one_hot(torch.tensor([0] * 6 + [1] * 6), k).float()
+    assert L.grouping_goodness(uniform, adj).item() == pytest.approx(1.0)
+    assert L.grouping_goodness(truth, adj).item() == pytest.approx(1.5)
+    assert L.grouping_goodness(uniform, adj, 256, False).item() == pytest.approx(1 + 12 / 256)
+    assert L.grouping_goodness(truth, adj, 256, False).item() == pytest.approx(0.5 + 24 / 256)
+    # with k = 2 groups (as many as clusters) DMoN's term prefers the truth too: 0.5 < 1
+    assert L.grouping_goodness(truth[:, :2], adj).item() == pytest.approx(0.5)
+
+
 def test_knn_graph_is_directed_within_views_without_self_loops():
     protos = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [1.0, 0.05], [0.1, 0.9]]), dim=1)
     views = torch.tensor([0, 0, 0, 1, 1])

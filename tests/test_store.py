@@ -46,8 +46,8 @@ def test_interrupted_writer_resumes_and_equals_one_pass(tmp_path):
     def part(a, b):
         return {k: (v[starts[a] : starts[b]] if k in ("keys", "cls_logits") else v[a:b]) for k, v in data.items()}
 
-    w = store.feature_writer(tmp_path / "f.zarr", grids, 6, 2, {}, digest="same")
-    w.write(0, part(0, 4))
+    w = store.feature_writer(tmp_path / "f.zarr", grids, 6, 2, {}, digest="same", flush_every_s=0)
+    w.write(0, part(0, 4))  # flush_every_s=0: on disk at once
     del w  # "killed" after four images
     w = store.feature_writer(tmp_path / "f.zarr", grids, 6, 2, {}, digest="same")
     assert w.done == 4
@@ -60,11 +60,54 @@ def test_interrupted_writer_resumes_and_equals_one_pass(tmp_path):
     np.testing.assert_array_equal(s.read("cls_token"), data["cls_token"])
 
 
+def test_the_writer_buffers_to_whole_shards_and_an_interrupt_loses_only_the_buffer(tmp_path, monkeypatch):
+    """Zarr rewrites a whole shard for any write into it: rows reach the disk a whole shard at a time (64 key
+    rows here), ``images_done`` counts only images complete on disk, and a resumed writer equals one pass."""
+    import zarr
+
+    monkeypatch.setattr(store, "CHUNK_BYTES", 64 * 12)  # keys: 6 float16 = 12 bytes a row, 64-row chunks
+    monkeypatch.setattr(store, "CHUNKS_PER_SHARD", 1)
+    rng = np.random.default_rng(4)
+    grids = np.full((9, 2), [5, 6])  # 30 tokens an image
+    data = make_features(rng, grids)
+
+    def part(a, b):
+        return {k: (v[30 * a : 30 * b] if k in ("keys", "cls_logits") else v[a:b]) for k, v in data.items()}
+
+    w = store.feature_writer(tmp_path / "f.zarr", grids, 6, 2, {}, digest="d", flush_every_s=float("inf"))
+    w.write(0, part(0, 3))
+    w.write(3, part(3, 5))  # 150 key rows written: two whole 64-row shards on disk, 22 rows buffered
+    on_disk = zarr.open_group(tmp_path / "f.zarr.partial", mode="r")
+    np.testing.assert_array_equal(on_disk["keys"][:128], data["keys"][:128])
+    assert not on_disk["keys"][128:150].any()
+    assert on_disk.attrs["images_done"] == 0  # the per-image arrays (one 9-row shard) are still buffered
+    assert w.done == 5
+    w.flush()
+    assert zarr.open_group(tmp_path / "f.zarr.partial", mode="r").attrs["images_done"] == 5
+    w.write(5, part(5, 7))
+    del w  # killed: images 5 and 6 were only buffered
+    w = store.feature_writer(tmp_path / "f.zarr", grids, 6, 2, {}, digest="d", flush_every_s=float("inf"))
+    assert w.done == 5
+    w.write(5, part(5, 9))
+    w.finalize()
+    s = store.RaggedStore(tmp_path / "f.zarr")
+    for name in data:
+        np.testing.assert_array_equal(s.read(name), data[name])
+
+
+def test_a_write_missing_an_array_is_refused(tmp_path):
+    grids = np.array([[1, 2]])
+    data = make_features(np.random.default_rng(5), grids)
+    w = store.feature_writer(tmp_path / "f.zarr", grids, 6, 2, {}, digest="d")
+    with pytest.raises(ValueError, match="every array"):
+        w.write(0, {k: v for k, v in data.items() if k != "cls_token"})
+
+
 def test_a_changed_digest_starts_over(tmp_path):
     rng = np.random.default_rng(2)
     grids = np.array([[2, 2], [2, 2]])
     data = make_features(rng, grids)
-    w = store.feature_writer(tmp_path / "f.zarr", grids, 6, 2, {}, digest="old")
+    w = store.feature_writer(tmp_path / "f.zarr", grids, 6, 2, {}, digest="old", flush_every_s=0)
     w.write(0, {k: (v[:4] if k in ("keys", "cls_logits") else v[:1]) for k, v in data.items()})
     w = store.feature_writer(tmp_path / "f.zarr", grids, 6, 2, {}, digest="new")
     assert w.done == 0
@@ -129,7 +172,7 @@ def test_a_real_error_on_a_partial_store_is_not_hidden(tmp_path, monkeypatch):
     rng = np.random.default_rng(3)
     grids = np.array([[2, 2], [2, 2]])
     data = make_features(rng, grids)
-    w = store.feature_writer(tmp_path / "f.zarr", grids, 6, 2, {}, digest="d")
+    w = store.feature_writer(tmp_path / "f.zarr", grids, 6, 2, {}, digest="d", flush_every_s=0)
     w.write(0, {k: (v[:4] if k in ("keys", "cls_logits") else v[:1]) for k, v in data.items()})
 
     def denied(*args, **kwargs):

@@ -2,13 +2,16 @@
 
 Images are ordered by their token grid so that a batch holds images of one canvas size (no
 padding between images); the store keeps that order and an ``image_id`` per row. Memory is
-bounded by one batch whatever the dataset size, and a DataLoader decodes images in workers.
+bounded by a few batches whatever the dataset size; images are decoded one batch ahead of the model (in
+DataLoader workers, or a thread).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,10 +74,51 @@ def iterate_batches(
     workers: int = 0,
     transform: Callable[[np.ndarray, Geometry, int], torch.Tensor] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (batch number, (B, 3, h', w') tensor) from ``start_batch`` on, images decoded in workers."""
+    """Yield (batch number, (B, 3, h', w') tensor) from ``start_batch`` on, images decoded in ``workers``
+    processes; with none, in a thread one batch ahead (decoding releases the GIL), so it overlaps the model."""
     ds = _Batches(entries, geoms, order, batches, transform or (lambda img, g, i: vit_input(img, g)))
     loader = DataLoader(ds, batch_size=None, sampler=range(start_batch, len(batches)), num_workers=workers)
-    yield from loader
+    yield from (loader if workers else prefetched(loader))
+
+
+def prefetched(iterable: Iterable, depth: int = 1) -> Iterator:
+    """The items of ``iterable``, produced by a background thread at most ``depth`` items ahead of the consumer;
+    an exception there is raised here, and a consumer that stops early stops the thread."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for item in iterable:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as e:  # handed to the consumer
+            put((end, e))
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = items.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 @dataclass
@@ -144,25 +188,33 @@ def write_features(
 
     A batch is written (Zarr compression, which releases the GIL) in a thread while the next one runs
     through the ViT; at most one write is in flight, and the store counts a batch only once it is written,
-    so an interrupted run resumes at the first batch not written."""
+    so an interrupted run resumes at the first batch not written. The writer buffers up to a shard per array
+    (:class:`unseg.store.RaggedWriter`); on an exception (Ctrl-C included) what it holds is flushed first, so
+    only a kill loses work, at most ``flush_every_s`` seconds of it."""
     grids = grids_in_order(geoms)
+    pending, pending_images = None, 0
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending, pending_images = None, 0
-        for batch in forward_images(model, entries, geoms, batch_size, device, workers, lo + writer.done, hi):
-            feats = batch_features(batch.out)
-            values = {
-                "keys": feats.keys,
-                "cls_logits": feats.cls_logits,
-                "cls_token": feats.cls_token,
-                "grid": grids[batch.positions],
-                "input_size": np.array([geoms[i].resized for i in batch.indices], np.int32),
-                "image_id": np.array([entries[i].id for i in batch.indices], np.int64),
-            }
+        try:
+            for batch in forward_images(model, entries, geoms, batch_size, device, workers, lo + writer.done, hi):
+                feats = batch_features(batch.out)
+                values = {
+                    "keys": feats.keys,
+                    "cls_logits": feats.cls_logits,
+                    "cls_token": feats.cls_token,
+                    "grid": grids[batch.positions],
+                    "input_size": np.array([geoms[i].resized for i in batch.indices], np.int32),
+                    "image_id": np.array([entries[i].id for i in batch.indices], np.int64),
+                }
+                if pending is not None:
+                    pending.result()  # in order, and a failed write stops the run here
+                    on_images(pending_images)
+                pending = pool.submit(writer.write, batch.positions[0] - lo, values)
+                pending_images = len(batch.positions)
             if pending is not None:
-                pending.result()  # in order, and a failed write stops the run here
+                pending.result()
                 on_images(pending_images)
-            pending = pool.submit(writer.write, batch.positions[0] - lo, values)
-            pending_images = len(batch.positions)
-        if pending is not None:
-            pending.result()
-            on_images(pending_images)
+        except BaseException:
+            if pending is not None:
+                wait([pending])  # the write in flight ends before the writer is flushed
+            writer.flush()
+            raise

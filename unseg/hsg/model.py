@@ -7,11 +7,13 @@ DeepLab backbones as is: layer4 dilated (output stride 16 in training, as releas
 then ``conv_out`` = 1x1-BN-ReLU-1x1 to the embedding. The positional embedding is DETR's learned one: a row and
 a column table (50 entries of dim/2 each) concatenated.
 
-The clustering transformer (d 128, 4 heads, 2 encoder + 2 decoder layers, FFN 256, dropout 0.1) takes segment
-features as memory and C learned queries; centroid = MLP(decoder output), logits = centroids . memory /
-sqrt(d), P = softmax over the C groups. Ours uses LayerNorm where the released code has BatchNorm1d (a batch of
-padded segment sets makes BatchNorm statistics depend on the padding); the decoder input is initialised from
-the memory's mean and std through an MLP, as released.
+The clustering transformer (d 128, 4 heads, 2 encoder + 2 decoder layers, FFN 256, dropout 0.1) is DETR's, as
+released: the segments' positional embeddings join the queries and keys of every attention, never the values
+(added to the input instead, the all-positive learned positions, ~6x the norm of a unit segment embedding,
+made every segment look alike to the encoder); the decoder input is one target made from the memory's mean and
+std through an MLP, with the C learned queries as query positions; centroid = MLP(decoder output), logits =
+centroids . memory / sqrt(d), P = softmax over the C groups. Ours uses LayerNorm where the released code has
+BatchNorm1d (a batch of padded segment sets makes BatchNorm statistics depend on the padding).
 """
 
 from __future__ import annotations
@@ -80,28 +82,77 @@ class Grouping:
     centroids: torch.Tensor  # (C, d): the groups' centroid features (input of the next level)
 
 
+class EncoderLayer(nn.Module):
+    """DETR's post-norm encoder layer: positions join the queries and keys of the attention, never its values,
+    so what a segment carries forward is its content."""
+
+    def __init__(self, dim: int, heads: int, ffn: int, dropout: float):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn, dim))
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        q = x + pos
+        x = self.norm1(x + self.drop1(self.attn(q, q, x, need_weights=False)[0]))
+        return self.norm2(x + self.drop2(self.ffn(x)))
+
+
+class DecoderLayer(nn.Module):
+    """DETR's post-norm decoder layer: self-attention of the queries (``query_pos`` on queries and keys), then
+    cross-attention to the memory (``pos`` on its keys), then the FFN."""
+
+    def __init__(self, dim: int, heads: int, ffn: int, dropout: float):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn, dim))
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.drop1, self.drop2, self.drop3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
+
+    def forward(self, t: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+        q = t + query_pos
+        t = self.norm1(t + self.drop1(self.self_attn(q, q, t, need_weights=False)[0]))
+        t = self.norm2(t + self.drop2(self.cross_attn(t + query_pos, memory + pos, memory, need_weights=False)[0]))
+        return self.norm3(t + self.drop3(self.ffn(t)))
+
+
 class ClusteringTransformer(nn.Module):
-    """n segment features (n, d) with positions (n, d) -> ``Grouping`` of C groups."""
+    """n segment features (n, d) with positions (n, d) -> ``Grouping`` of C groups.
+
+    As released (DETR's transformer): the encoder reads the segments with their positions on the attention's
+    queries and keys; every decoder query starts from one target made from the memory's mean and std, and the
+    C learned query embeddings enter as query positions; the weights start Xavier-uniform."""
 
     def __init__(self, groups: int, dim: int = 128, heads: int = 4, layers: int = 2, ffn: int = 256,
                  dropout: float = 0.1):  # fmt: skip
         super().__init__()
-        self.encoder = nn.TransformerEncoder(
-            nn.TransformerEncoderLayer(dim, heads, ffn, dropout, batch_first=True), layers, enable_nested_tensor=False
-        )
-        self.decoder = nn.TransformerDecoder(
-            nn.TransformerDecoderLayer(dim, heads, ffn, dropout, batch_first=True), layers
-        )
+        self.encoder = nn.ModuleList(EncoderLayer(dim, heads, ffn, dropout) for _ in range(layers))
+        self.decoder = nn.ModuleList(DecoderLayer(dim, heads, ffn, dropout) for _ in range(layers))
+        self.decoder_norm = nn.LayerNorm(dim)
+        self.target_init = nn.Sequential(nn.Linear(2 * dim, ffn), nn.ReLU(inplace=True), nn.Linear(ffn, dim))
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
         self.queries = nn.Embedding(groups, dim)
-        self.target_init = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
-        self.centroid = nn.Sequential(nn.ReLU(), nn.Linear(dim, dim), nn.LayerNorm(dim))
-        self.centroid_feats = nn.Sequential(nn.ReLU(), nn.Linear(dim, dim))
+        # BatchNorm over the C centroids, as released, standardises each feature across the groups, so the C
+        # centroids differ from the first step (a LayerNorm here let them start alike: assignments sat at
+        # uniform, where the grouping loss has no gradient); batch statistics at test too (no running ones)
+        self.centroid = nn.Sequential(nn.ReLU(), nn.Linear(dim, dim, bias=False),
+                                      nn.BatchNorm1d(dim, track_running_stats=False))  # fmt: skip
+        self.centroid_feats = nn.Sequential(nn.ReLU(), nn.Linear(dim, dim, bias=False),
+                                            nn.BatchNorm1d(dim, track_running_stats=False))  # fmt: skip
 
     def forward(self, segments: torch.Tensor, positions: torch.Tensor) -> Grouping:
-        src = (segments + positions)[None]  # (1, n, d)
-        memory = self.encoder(src)
+        memory, pos = segments[None], positions[None]  # (1, n, d)
+        for layer in self.encoder:
+            memory = layer(memory, pos)
         stats = torch.cat([memory.mean(1), memory.std(1, unbiased=False)], -1)  # (1, 2d)
-        target = self.target_init(stats)[:, None, :] + self.queries.weight[None]  # (1, C, d)
-        out = self.decoder(target, memory)[0]  # (C, d)
+        query_pos = self.queries.weight[None]  # (1, C, d)
+        target = self.target_init(stats)[:, None, :].expand_as(query_pos)
+        for layer in self.decoder:
+            target = layer(target, memory, pos, query_pos)
+        out = self.decoder_norm(target)[0]  # (C, d)
         logits = self.centroid(out) @ memory[0].T / memory.shape[-1] ** 0.5  # (C, n)
         return Grouping(assign=logits.softmax(0), centroids=self.centroid_feats(out))

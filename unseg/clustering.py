@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from unseg import coco
+from unseg.memory import trim_heap
 from unseg.data.transforms import (
     Geometry,
     fit_canvas,
@@ -295,6 +296,7 @@ def mask_features(
                 feats.append(tokens[:, 0].cpu().numpy().copy())  # a view would keep the batch's tokens alive
             pending.clear()
             weights.clear()
+            trim_heap()  # the batch's activations, freed: back to the OS, or peak RSS grows with the batches
 
     for image_id, image, token_mask, geom in items:
         x, pixel_mask, model_mask = mask_input(image, token_mask, geom, mode, patch, upsample)

@@ -95,6 +95,22 @@ def test_the_writer_buffers_to_whole_shards_and_an_interrupt_loses_only_the_buff
         np.testing.assert_array_equal(s.read(name), data[name])
 
 
+def test_the_writer_buffers_copies_not_views_of_the_callers_arrays(tmp_path):
+    """A buffered view would keep its whole base (e.g. a batch's token tensor) alive until the flush, and see
+    later changes to it."""
+    grids = np.array([[2, 2], [2, 2]])
+    data = make_features(np.random.default_rng(6), grids)
+    expected = {k: v.copy() for k, v in data.items()}
+    w = store.feature_writer(tmp_path / "f.zarr", grids, 6, 2, {}, digest="d", flush_every_s=float("inf"))
+    w.write(0, data)
+    for v in data.values():
+        v[...] = 0  # the caller reuses its buffers
+    w.finalize()
+    s = store.RaggedStore(tmp_path / "f.zarr")
+    for name, value in expected.items():
+        np.testing.assert_array_equal(s.read(name), value)
+
+
 def test_a_write_missing_an_array_is_refused(tmp_path):
     grids = np.array([[1, 2]])
     data = make_features(np.random.default_rng(5), grids)

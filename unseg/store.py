@@ -139,7 +139,7 @@ class RaggedWriter:
             expected = self._rows(name, start + n) - self._rows(name, start)
             if len(value) != expected:
                 raise ValueError(f"{name}: {len(value)} rows for images {start}..{start + n - 1}, expected {expected}")
-            self._pending[name].append(np.asarray(value))
+            self._pending[name].append(np.array(value))  # a copy: a buffered view keeps its whole base alive
         self.done = start + n
         self.flush(whole_shards_only=time.monotonic() - self._last_flush < self.flush_every_s)
 

@@ -261,7 +261,7 @@ class Hsg:  # pretrain_hsg: HSG (Ke et al. 2022); released values in configs/pap
     crop_scale_max: float = p(1.0, lo=0, hi=1, lo_open=True)
     lr: float = p(0.01, lo=0, lo_open=True)
     stage2_lr: float | None = p(0.008, lo=0, lo_open=True)  # null: one schedule; else stage 2 restarts at it
-    head_lr_mult: float = p(1.0, lo=0, lo_open=True)  # transformers and positional tables (released: 10)
+    head_lr_mult: float = p(5.0, lo=0, lo_open=True)  # transformers and positional tables (released: 10)
     momentum: float = p(0.9, lo=0, hi=1)
     weight_decay: float = p(1e-4, lo=0)
     warmup_steps: int = p(20, lo=0)
@@ -277,8 +277,8 @@ class Hsg:  # pretrain_hsg: HSG (Ke et al. 2022); released values in configs/pap
     weight_levels: float = p(0.1, lo=0)  # lambda_F, each level
     weight_grouping: float = p(1.0, lo=0)  # lambda_G (DMoN + collapse)
     weight_centroid: float = p(1.0, lo=0)
-    collapse_nodes: int | None = p(None, lo=1)  # null: n segments (paper); released: 256 (padded)
-    collapse_minus_one: bool = p(True)  # DMoN's -1 (released: false)
+    collapse_nodes: int | None = p(256, lo=1)  # null: n segments (paper); released: 256 (padded)
+    collapse_minus_one: bool = p(False)  # DMoN's -1 (released: false)
     amp: bool = p(True)
     device: str = p("auto", choices=DEVICES)
     workers: int = p(0, lo=0)

@@ -135,10 +135,11 @@ class RaggedWriter:
         if not per_image:
             raise ValueError("write() needs at least one per-image array to know how many images it holds")
         n = per_image[0]
-        for name, value in values.items():
+        for name, value in values.items():  # all checked before any is buffered
             expected = self._rows(name, start + n) - self._rows(name, start)
             if len(value) != expected:
                 raise ValueError(f"{name}: {len(value)} rows for images {start}..{start + n - 1}, expected {expected}")
+        for name, value in values.items():
             self._pending[name].append(np.array(value))  # a copy: a buffered view keeps its whole base alive
         self.done = start + n
         self.flush(whole_shards_only=time.monotonic() - self._last_flush < self.flush_every_s)
@@ -159,7 +160,7 @@ class RaggedWriter:
                 continue
             data = np.concatenate(parts) if len(parts) > 1 else parts[0]
             array[lo:hi] = data[: hi - lo]
-            self._pending[name] = [data[hi - lo :]] if hi < end else []
+            self._pending[name] = [data[hi - lo :].copy()] if hi < end else []  # not a view of the written rows
             self._stored[name] = hi
         complete = min(
             int(np.searchsorted(self.offsets, rows, side="right")) - 1 if self.specs[name].ragged else rows

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from unseg import coco
-from unseg.memory import trim_heap
 from unseg.data.transforms import (
     Geometry,
     fit_canvas,
@@ -38,6 +37,7 @@ from unseg.data.transforms import (
     vit_input,
 )
 from unseg.errors import UserError
+from unseg.memory import trim_heap
 from unseg.mining import border_fraction
 
 

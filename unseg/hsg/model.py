@@ -111,7 +111,9 @@ class DecoderLayer(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop1, self.drop2, self.drop3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
 
-    def forward(self, t: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, t: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor, query_pos: torch.Tensor
+    ) -> torch.Tensor:
         q = t + query_pos
         t = self.norm1(t + self.drop1(self.self_attn(q, q, t, need_weights=False)[0]))
         t = self.norm2(t + self.drop2(self.cross_attn(t + query_pos, memory + pos, memory, need_weights=False)[0]))

@@ -119,6 +119,27 @@ def test_a_write_missing_an_array_is_refused(tmp_path):
         w.write(0, {k: v for k, v in data.items() if k != "cls_token"})
 
 
+def test_a_write_with_rows_of_the_wrong_shape_is_refused_before_anything_is_buffered(tmp_path):
+    grids = np.array([[1, 2]])
+    data = make_features(np.random.default_rng(5), grids)
+    w = store.feature_writer(tmp_path / "f.zarr", grids, 6, 2, {}, digest="d")
+    with pytest.raises(ValueError, match=r"keys: rows of shape \(1,\), expected \(6,\)"):
+        w.write(0, {**data, "keys": data["keys"][:, :1]})  # would broadcast into (2, 6) unchecked
+    assert w.done == 0 and all(b.rows == 0 for b in w._pending.values())
+
+
+def test_the_row_buffer_keeps_the_unwritten_rows_in_order_across_growth_and_drops():
+    buf = store._RowBuffer((2,), "int64")
+    rows = np.arange(40).reshape(20, 2)
+    buf.append(rows[:5])
+    buf.drop(2)  # rows 2..4 move to the front
+    buf.append(rows[5:17])  # grows past twice its size
+    np.testing.assert_array_equal(buf.data[: buf.rows], rows[2:17])
+    buf.drop(3)  # overlapping move: 12 rows from 3..14 to 0..11
+    buf.append(rows[17:])
+    np.testing.assert_array_equal(buf.data[: buf.rows], rows[5:])
+
+
 def test_a_changed_digest_starts_over(tmp_path):
     rng = np.random.default_rng(2)
     grids = np.array([[2, 2], [2, 2]])

@@ -77,6 +77,37 @@ def _create(group: zarr.Group, name: str, rows: int, spec: Spec) -> zarr.Array:
     )
 
 
+def _no_empty_chunk_check(array: zarr.Array) -> zarr.Array:
+    """``array`` writing every chunk: by default Zarr first compares each (shard-sized) chunk with the fill
+    value, byte by byte, to skip writing empty ones; that check took ~10 % of a features store's write
+    (py-spy), and whole shards of zeros are rare here."""
+    return array.with_config({"write_empty_chunks": True})
+
+
+class _RowBuffer:
+    """Rows of one array waiting for their shard to fill: one array reused between flushes, so each written
+    row is copied once on its way in (a buffered view would keep its whole base alive) and never again."""
+
+    def __init__(self, tail: tuple[int, ...], dtype: str):
+        self.data = np.empty((0, *tail), dtype)
+        self.rows = 0
+
+    def append(self, value: np.ndarray) -> None:
+        end = self.rows + len(value)
+        if end > len(self.data):
+            grown = np.empty((max(end, 2 * len(self.data)), *self.data.shape[1:]), self.data.dtype)
+            grown[: self.rows] = self.data[: self.rows]
+            self.data = grown
+        self.data[self.rows : end] = value
+        self.rows = end
+
+    def drop(self, rows: int) -> None:
+        """Forget the first ``rows`` rows (written), moving the rest to the front."""
+        rest = self.rows - rows
+        self.data[:rest] = self.data[rows : self.rows]  # numpy copies through a temporary when these overlap
+        self.rows = rest
+
+
 class RaggedWriter:
     """Streams per-image results into a ragged store, in image order, resumably.
 
@@ -92,13 +123,13 @@ class RaggedWriter:
         self.specs = dict(specs)
         self.flush_every_s = flush_every_s
         self.done = 0  # images handed to write(); ``images_done`` in the store counts those on disk
-        self._pending: dict[str, list[np.ndarray]] = {name: [] for name in self.specs}
+        self._pending = {name: _RowBuffer(spec.tail, spec.dtype) for name, spec in self.specs.items()}
         self._last_flush = time.monotonic()
         if self.partial.exists() and self._resumable(digest):
             self.group = zarr.open_group(self.partial, mode="r+")
             self.done = int(self.group.attrs["images_done"])
             self._stored = {name: self._rows(name, self.done) for name in self.specs}
-            self._arrays = {name: self.group[name] for name in self.specs}
+            self._arrays = {name: _no_empty_chunk_check(self.group[name]) for name in self.specs}
             return
         if self.partial.exists():
             print(f"[store] discarding {self.partial}: written with other inputs or params", file=sys.stderr)
@@ -110,7 +141,7 @@ class RaggedWriter:
             _create(self.group, name, t if spec.ragged else n, spec)
         self.group.attrs.update({**attrs, "digest": digest, "images_done": 0})
         self._stored = {name: 0 for name in self.specs}  # rows of each array on disk
-        self._arrays = {name: self.group[name] for name in self.specs}
+        self._arrays = {name: _no_empty_chunk_check(self.group[name]) for name in self.specs}
 
     def _resumable(self, digest: str) -> bool:
         """Whether the partial store was written by this very job. A store left half-created by a kill
@@ -135,32 +166,31 @@ class RaggedWriter:
         if not per_image:
             raise ValueError("write() needs at least one per-image array to know how many images it holds")
         n = per_image[0]
+        values = {name: np.asarray(value) for name, value in values.items()}
         for name, value in values.items():  # all checked before any is buffered
             expected = self._rows(name, start + n) - self._rows(name, start)
             if len(value) != expected:
                 raise ValueError(f"{name}: {len(value)} rows for images {start}..{start + n - 1}, expected {expected}")
+            if value.shape[1:] != self.specs[name].tail:
+                raise ValueError(f"{name}: rows of shape {value.shape[1:]}, expected {self.specs[name].tail}")
         for name, value in values.items():
-            self._pending[name].append(np.array(value))  # a copy: a buffered view keeps its whole base alive
+            self._pending[name].append(value)
         self.done = start + n
         self.flush(whole_shards_only=time.monotonic() - self._last_flush < self.flush_every_s)
 
     def flush(self, whole_shards_only: bool = False) -> None:
         """Write the buffered rows (with ``whole_shards_only``, those up to each array's last shard boundary),
         then record in the store how many images are complete on disk."""
-        for name, parts in self._pending.items():
-            if not parts:
-                continue
+        for name, buffer in self._pending.items():
             array, lo = self._arrays[name], self._stored[name]
-            end = lo + sum(len(p) for p in parts)
-            hi = end
+            end = hi = lo + buffer.rows
             if whole_shards_only:
                 shard = (array.shards or array.chunks)[0]
                 hi = max(lo, end // shard * shard)
             if hi == lo:
                 continue
-            data = np.concatenate(parts) if len(parts) > 1 else parts[0]
-            array[lo:hi] = data[: hi - lo]
-            self._pending[name] = [data[hi - lo :].copy()] if hi < end else []  # not a view of the written rows
+            array[lo:hi] = buffer.data[: hi - lo]
+            buffer.drop(hi - lo)
             self._stored[name] = hi
         complete = min(
             int(np.searchsorted(self.offsets, rows, side="right")) - 1 if self.specs[name].ragged else rows

@@ -13,6 +13,7 @@ import torch
 from unseg import store
 from unseg.cli import log, parser, run_stage
 from unseg.errors import UserError
+from unseg.memory import trim_heap
 from unseg.mining import MiningConfig, mine_masks
 from unseg.params import config_from
 from unseg.progress import progress
@@ -48,6 +49,7 @@ def main(args, params) -> None:
         token_label[feats.offsets[start] : feats.offsets[stop]] = mined.label.reshape(-1).numpy()
         source[start:stop] = mined.source.numpy()
         bottom[start:stop] = mined.bottom.numpy()
+        trim_heap()  # the batch's freed keys back to the OS, or peak RSS grows with the number of batches
     attrs = {**feats.attrs, "mining": vars(cfg)}
     attrs.pop("images_done", None)
     attrs.pop("digest", None)

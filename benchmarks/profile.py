@@ -94,7 +94,14 @@ def _frame(frame: str) -> str:
     return re.sub(r"\((?:.*/)?([^/():]+?)(?::\d+)?\)$", r"(\1)", frame.strip())
 
 
-IDLE = ("PyThread_acquire_lock_timed", "epoll_wait", "select_epoll_poll", "sem_timedwait", "pthread_cond_wait")
+IDLE = (
+    "PyThread_acquire_lock_timed",
+    "epoll_wait",
+    "select_epoll_poll",
+    "sem_timedwait",
+    "pthread_cond_wait",
+    "pthread_cond_timedwait",
+)
 
 
 def summary(path: str, top: int = 15) -> str:

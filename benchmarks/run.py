@@ -1,10 +1,15 @@
 """Speed benchmarks; each writes a JSON file to benchmarks/results/ (``make bench``).
 
+- mining_vs_released: ``mine_masks`` vs the released rule run image by image (identical masks, speed ratio);
 - mining_vs_maskcut: the same rule vs MaskCut's normalised cuts (CutLER) on the same features;
 - mining: the vectorised MaskDistill rule (batched over images, O(N D)) against a straightforward
   per-image implementation with the N x N Gram matrix, at the paper's ViT-S/16 @ 640 geometry;
 - kmeans: scikit-learn MiniBatchKMeans vs faiss on whitened CLS features (the choice in ``cluster.algorithm``);
-- extraction: images/s of ``extract_features``'s forward pass for the tiny and the paper backbone.
+- extraction: images/s of ``extract_features``'s forward pass for the tiny and the paper backbone;
+- extraction_vs_bare, zarr_io, kmeans_grid, memory (``benchmarks/pipeline_io.py``): the pipeline's loops against
+  the bare model, raw ``np.save``, faiss, and its own peak RSS at 1x;
+- rerun: full, no-op and mining-param ``dvc repro`` in a fresh clone.
+``python -m benchmarks.run NAME...`` runs some; ``benchmarks/profile.py`` profiles the ones missing a target.
 """
 
 from __future__ import annotations

@@ -85,25 +85,36 @@ def _fsync_tree(path: Path) -> None:
             os.close(fd)
 
 
+def features_like_keys(n_images: int = 2000, tokens: int = 165, dim: int = 192) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths (N,), keys (T, D) float16) of a features-like ragged array: ``tokens`` ± 20 rows per image."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(tokens - 20, tokens + 20, n_images)
+    return lengths, rng.normal(size=(int(lengths.sum()), dim)).astype(np.float16)
+
+
+def write_keys_store(path: Path, lengths: np.ndarray, keys: np.ndarray, step: int = 64) -> None:
+    """A ragged store of ``keys`` and a per-image ``image_id``, written ``step`` images at a time."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    specs = {"keys": store.Spec(keys.shape[1:], str(keys.dtype), True), "image_id": store.Spec((), "int64", False)}
+    w = store.RaggedWriter(path, lengths, specs, {}, "bench")
+    for i in range(0, len(lengths), step):
+        j = min(i + step, len(lengths))
+        w.write(i, {"keys": keys[offsets[i] : offsets[j]], "image_id": np.arange(i, j)})
+    w.finalize()
+
+
 def zarr_io(n_images: int = 2000, tokens: int = 165, dim: int = 192, reads: int = 200) -> dict:
     """A features-like ragged store (float16 keys) vs np.save of the same array. Each write starts with no
     dirty pages (``os.sync``), so neither is throttled by the other's writeback; ``*_write_mb_per_s`` is
     into the page cache (what the writer waits for), ``durable_*`` includes the ``fsync`` of every file."""
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(tokens - 20, tokens + 20, n_images)
+    lengths, keys = features_like_keys(n_images, tokens, dim)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    keys = rng.normal(size=(int(offsets[-1]), dim)).astype(np.float16)
+    rng = np.random.default_rng(1)
     tmp = Path(tempfile.mkdtemp())
     try:
         os.sync()
         start = time.perf_counter()
-        w = store.RaggedWriter(tmp / "s.zarr", lengths, {"keys": store.Spec((dim,), "float16", True),
-                               "image_id": store.Spec((), "int64", False)}, {}, "bench")  # fmt: skip
-        step = 64
-        for i in range(0, n_images, step):
-            j = min(i + step, n_images)
-            w.write(i, {"keys": keys[offsets[i] : offsets[j]], "image_id": np.arange(i, j)})
-        w.finalize()
+        write_keys_store(tmp / "s.zarr", lengths, keys)
         zarr_write = time.perf_counter() - start
         _fsync_tree(tmp / "s.zarr")
         zarr_durable = time.perf_counter() - start

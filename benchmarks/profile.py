@@ -21,7 +21,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 
 SECONDS = 20.0
@@ -67,24 +66,12 @@ def mining() -> None:
 
 
 def zarr() -> None:
-    from unseg import store
+    from benchmarks.pipeline_io import features_like_keys, write_keys_store
 
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(145, 185, 2000)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    keys = rng.normal(size=(int(offsets[-1]), 192)).astype(np.float16)
-    specs = {"keys": store.Spec((192,), "float16", True), "image_id": store.Spec((), "int64", False)}
+    lengths, keys = features_like_keys()
     tmp = Path(tempfile.mkdtemp())
-
-    def run() -> None:
-        w = store.RaggedWriter(tmp / "s.zarr", lengths, specs, {}, "profile")
-        for i in range(0, 2000, 64):
-            j = min(i + 64, 2000)
-            w.write(i, {"keys": keys[offsets[i] : offsets[j]], "image_id": np.arange(i, j)})
-        w.finalize()
-
     try:
-        _repeat(run)
+        _repeat(lambda: write_keys_store(tmp / "s.zarr", lengths, keys))
     finally:
         shutil.rmtree(tmp)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +41,15 @@ def photos(root: Path, n: int) -> list:
 
 
 @torch.no_grad()
+def extract_to_store(path: Path, model, entries, geoms, batch: int, workers: int = 0) -> None:
+    """What ``extract_features`` does with its images on CPU: a features store at ``path`` from ``model``."""
+    heads = model.blocks[-1].attn.num_heads
+    writer = store.feature_writer(path, F.grids_in_order(geoms), model.embed_dim, heads, {}, "bench")
+    F.write_features(writer, model, entries, geoms, batch, torch.device("cpu"), workers, 0, len(entries))
+    writer.finalize()
+
+
+@torch.no_grad()
 def extraction_ratio(
     entries, arch: str, patch: int, depth, short_side: int, batch: int, workers: int = 0, repeats: int = 5
 ) -> dict:
@@ -49,8 +60,6 @@ def extraction_ratio(
     model = create_vit(arch, patch, depth).eval()
     geoms = F.geometries(entries, short_side, patch, "pad")
     order = F.plan_order(geoms)
-    grids = np.array([geoms[i].grid for i in order], np.int64)
-    heads = model.blocks[-1].attn.num_heads
     batches = F.plan_batches(geoms, order, batch)
     tensors = [x for _, x in F.iterate_batches(entries, geoms, order, batches)]
     model.forward_features(tensors[0])  # both loops timed warm (oneDNN builds its kernels on the first call)
@@ -59,9 +68,7 @@ def extraction_ratio(
         tmp = Path(tempfile.mkdtemp())
         try:
             start = time.perf_counter()
-            writer = store.feature_writer(tmp / "f.zarr", grids, model.embed_dim, heads, {}, "bench")
-            F.write_features(writer, model, entries, geoms, batch, torch.device("cpu"), workers, 0, len(entries))
-            writer.finalize()
+            extract_to_store(tmp / "f.zarr", model, entries, geoms, batch, workers)
             pipeline.append(time.perf_counter() - start)
         finally:
             shutil.rmtree(tmp)
@@ -224,18 +231,24 @@ def kmeans_grid(sizes=(1_000, 10_000, 100_000), ks=(20, 200), dim: int = 384, it
     }
 
 
+def _stage_peak_mb(args: list[str], cwd: Path, env: dict) -> float:
+    """Peak RSS (MB) of ``python -m ARGS --quiet`` run in ``cwd`` (GNU time's maximum resident set size)."""
+    cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", *args, "--quiet"]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{args[0]} failed: {proc.stderr[-2000:]}")
+    return int(proc.stderr.strip().splitlines()[-1]) / 1024
+
+
 def peak_rss(scale: int = 10, n_train: int = 480, n_val: int = 120, runs: int = 3) -> dict:
     """Peak RSS (MB) of extract_features, mine_masks and pseudo_label on the tiny dataset and on ``scale``x it
     (same params otherwise; the ViT converted from the committed checkpoint, so no training). Each stage runs
     ``runs`` times at each scale and the median peak counts: one stage's peak moves by up to 10 % between
     identical runs on the 2-core VM (extraction: 1101-1200 MB at 1x over 3 runs)."""
-    import subprocess
-    import sys
-
     import yaml
 
     root = Path(__file__).resolve().parents[1]
-    measured = ("extract_features", "mine_masks", "pseudo_label")
+    env = {**os.environ, "PYTHONPATH": str(root)}
     out, spread = {}, {}
     for factor in (1, scale):
         tmp = Path(tempfile.mkdtemp())
@@ -244,29 +257,20 @@ def peak_rss(scale: int = 10, n_train: int = 480, n_val: int = 120, runs: int = 
             params["data"].update(n_train=n_train * factor, n_val=n_val * factor, video_sequences=0)
             params["backbone"]["weights"] = str(root / "checkpoints/croc_tiny.pth")
             (tmp / "params.yaml").write_text(yaml.safe_dump(params))
-            env = {**os.environ, "PYTHONPATH": str(root)}
-            steps = {
-                "prepare": ["stages.prepare", "data/prepared"],
-                "pretrain_croc": ["stages.pretrain_croc", "data/prepared/index.json", "vit.pth", "--ckpt", "ck",
-                                  "--log", "croc.csv"],
+            _stage_peak_mb(["stages.prepare", "data/prepared"], tmp, env)
+            _stage_peak_mb(["stages.pretrain_croc", "data/prepared/index.json", "vit.pth", "--ckpt", "ck", "--log",
+                            "croc.csv"], tmp, env)  # fmt: skip
+            measured = {  # the last argument is the stage's output
                 "extract_features": ["stages.extract_features", "data/prepared/index.json", "vit.pth", "f.zarr"],
                 "mine_masks": ["stages.mine_masks", "f.zarr", "m.zarr"],
                 "pseudo_label": ["stages.pseudo_label", "data/prepared/index.json", "vit.pth", "f.zarr", "m.zarr",
                                  "pl"],
             }  # fmt: skip
-            rss = {name: [] for name in measured}
-            for run in range(runs):
-                for name, args in steps.items():
-                    if name not in measured and run:
-                        continue
-                    if name in measured:  # from scratch each time: an existing features store would resume
-                        shutil.rmtree(tmp / args[-1], ignore_errors=True)
-                    cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", *args, "--quiet"]
-                    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
-                    if proc.returncode:
-                        raise RuntimeError(f"{name} failed: {proc.stderr[-2000:]}")
-                    if name in measured:
-                        rss[name].append(int(proc.stderr.strip().splitlines()[-1]) / 1024)
+            rss: dict[str, list[float]] = {name: [] for name in measured}
+            for _ in range(runs):
+                for name, args in measured.items():
+                    shutil.rmtree(tmp / args[-1], ignore_errors=True)  # from scratch: a features store would resume
+                    rss[name].append(_stage_peak_mb(args, tmp, env))
             out[f"x{factor}"] = {k: float(np.median(v)) for k, v in rss.items()}
             spread[f"x{factor}"] = {k: [round(min(v)), round(max(v))] for k, v in rss.items()}
         finally:

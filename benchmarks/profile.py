@@ -21,8 +21,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 SECONDS = 20.0
 
 
@@ -33,25 +31,16 @@ def _repeat(fn) -> None:
 
 
 def extraction() -> None:
-    from benchmarks.pipeline_io import tiny_images
+    from benchmarks.pipeline_io import extract_to_store, tiny_images
     from unseg import features as F
-    from unseg import store
     from unseg.models.vit import create_vit
 
     tmp = Path(tempfile.mkdtemp())
     entries = tiny_images(tmp / "t", 256)
     model = create_vit("vit_tiny_patch16_224", 8, 4).eval()
     geoms = F.geometries(entries, 96, 8, "pad")
-    grids = F.grids_in_order(geoms)
-
-    def run() -> None:
-        heads = model.blocks[-1].attn.num_heads
-        writer = store.feature_writer(tmp / "f.zarr", grids, model.embed_dim, heads, {}, "profile")
-        F.write_features(writer, model, entries, geoms, 32, torch.device("cpu"), 0, 0, len(entries))
-        writer.finalize()
-
     try:
-        _repeat(run)
+        _repeat(lambda: extract_to_store(tmp / "f.zarr", model, entries, geoms, 32))
     finally:
         shutil.rmtree(tmp)
 

@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: repro test test-paper lint bench seeds seeds-hsg ceiling sheet clean-artifacts
+.PHONY: repro test test-paper lint bench seeds seeds-hsg ceiling sheet clean-artifacts detectron2
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ $(STAMP): requirements.txt pyproject.toml
 	# Best effort: a file in a wheel's test suite that needs a newer Python fails to compile and is not imported.
 	$(PY) -m compileall -q -j 0 $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') >/dev/null || true
 	touch $(STAMP)
+
+# optional: detectron2 for distill.backend: detectron2 (the paper's Mask R-CNN), from ../shared/wheels when a wheel
+# there matches this venv's Python and torch; otherwise prints the build-from-source command
+detectron2: $(STAMP)
+	$(PY) scripts/install_detectron2.py
 
 repro: $(STAMP)
 	dvc repro

@@ -18,8 +18,9 @@ import torch
 from unseg import coco
 from unseg.cli import log, parser, run_stage
 from unseg.data.index import DatasetIndex
+from unseg.distill.detectron2_config import require_detectron2
 from unseg.distill.maskrcnn import CocoInstanceDataset, load_image, predict_instances
-from unseg.distill.params import detectron2_params, split_instances, torchvision_maskrcnn, training_digest
+from unseg.distill.params import split_instances, torchvision_maskrcnn, training_digest
 from unseg.distill.trainer import MaskRCNNTraining, train_maskrcnn
 from unseg.errors import UserError
 from unseg.launch import relaunch_under_torchrun
@@ -46,13 +47,7 @@ def main(args, params) -> None:
     digest = training_digest(d, args.pseudo_labels / "instances.json", train_ids, weights)
     d = dataclasses.replace(d, backbone_weights=weights)  # hsg -> the file pretrain_hsg wrote
     if d.backend == "detectron2":
-        from unseg.distill.detectron2_backend import run_detectron2
-
-        ckpt = H.CheckpointDir(args.ckpt, digest)  # a changed param empties detectron2's output folder too
-        run_detectron2(
-            detectron2_params(d, k, ckpt.path, device), train_json, paths, index, ckpt.path, args.out, args.log
-        )
-        return
+        return distill_detectron2(args, d, train_json, paths, index, device, digest)
     info = H.setup_distributed(device)
     torch.manual_seed(d.seed)
     model = torchvision_maskrcnn(d, k)
@@ -75,6 +70,32 @@ def main(args, params) -> None:
     coco.write_json(preds, args.out / "predictions.json")
     shutil.copy(args.ckpt / "loss.csv", args.log)
     log("distill_maskrcnn", f"{len(preds)} predictions -> {args.out / 'predictions.json'}")
+
+
+def distill_detectron2(args, d, train_json: dict, paths: dict, index: DatasetIndex, device, digest: str) -> None:
+    require_detectron2()
+    from unseg.distill.detectron2_backend import distill_with_detectron2
+
+    info = H.setup_distributed(device)
+    ckpt = H.CheckpointDir(args.ckpt, digest, info.is_main)
+    done = distill_with_detectron2(
+        d,
+        instances=train_json,
+        image_paths=paths,
+        predict=((e.id, e.file) for e in progress(index.images, desc="predict")),
+        backbone_weights=d.backbone_weights,
+        ckpt_dir=ckpt.path,
+        log_path=ckpt.path / "loss.csv",
+        device=device,
+        info=info,
+    )
+    if done is None:  # not the main process
+        return
+    log("distill_maskrcnn", f"detectron2: backbone {done.init_report}; {done.steps_run} of {d.steps} steps run now")
+    save_checkpoint(done.bundle, args.out / "model.pt")
+    coco.write_json(done.predictions, args.out / "predictions.json")
+    shutil.copy(ckpt.path / "loss.csv", args.log)
+    log("distill_maskrcnn", f"{len(done.predictions)} predictions -> {args.out / 'predictions.json'}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,28 @@ def annotation(ann_id: int, image_id: int, category_id: int, mask: np.ndarray, s
     if score is not None:
         rec["score"] = float(score)
     return rec
+
+
+def instance_results(
+    image_id: int, masks: np.ndarray, category_ids: Sequence[int], scores: Sequence[float], score_threshold: float = 0.0
+) -> list[dict]:
+    """COCO results of one image's predicted instances, the one writer of both Mask R-CNN backends.
+
+    ``masks`` (N, H, W) bool at the image's resolution, with their ``category_ids`` and ``scores``; instances
+    scoring below ``score_threshold`` or with an empty mask are left out. Ids are 0 until :func:`number_results`.
+    """
+    return [
+        annotation(0, image_id, int(category), mask, score=float(score))
+        for mask, category, score in zip(masks, category_ids, scores, strict=True)
+        if score >= score_threshold and mask.any()
+    ]
+
+
+def number_results(results: list[dict]) -> list[dict]:
+    """Give COCO results their running ``id`` 1..N, in place; returns them."""
+    for i, rec in enumerate(results, start=1):
+        rec["id"] = i
+    return results
 
 
 def write_json(obj, path: str | Path) -> None:

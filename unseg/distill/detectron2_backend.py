@@ -1,315 +1,427 @@
-"""The paper's Mask R-CNN setup on detectron2 (MaskDistill App. A.1), behind ``distill.backend=detectron2``.
+"""Mask R-CNN distillation on detectron2, the paper's backend (MaskDistill Sec. 3.2, App. A.1).
 
-MaskDistill never published its detectron2 configs (reference.md §1.1 "Mask R-CNN", §1.4 item 10).
-The paper says it follows MoCo's detection protocol [He et al. 2020]: R50-C4 Mask R-CNN, MoCo
-initialisation, first two stages frozen, shorter side drawn from [480, 800] in training and 800 at
-test, LR 0.02 decayed x0.1 at 20k and 22k iterations, 24k iterations, 100 warm-up iterations.
-:func:`detectron2_config` writes that as a complete, flat detectron2 config; the rest (R50-C4 with
-an extra BatchNorm after res5, naive SyncBN, RGB input with ImageNet mean/std in 0..255, test-time RPN
-6000/1000 proposals, precise BN) is taken from MoCo's ``detection/configs/Base-RCNN-C4-BN.yaml``
-and ``*_moco.yaml``. detectron2 itself is imported only by :func:`train_and_predict_detectron2`.
+Import only after :func:`unseg.distill.detectron2_config.require_detectron2`. detectron2's own parts do the
+work: the pseudo-labels are a registered COCO dataset (``register_coco_instances``), the model is
+``build_model`` of the config that :func:`~unseg.distill.detectron2_config.detectron2_config` writes, the
+loop is ``SimpleTrainer`` (``AMPTrainer`` in bf16 on CUDA) with the ``LRScheduler`` and
+``PeriodicCheckpointer`` hooks and a ``DetectionCheckpointer``. What the project adds keeps training exact
+under interruption, as on the torchvision backend: the batch of step s (images, sizes, flips) and the
+model's random draws inside it depend only on (seed, s) (:class:`StepSeeds`, the harness's ``StepBatches``),
+and checkpoints are written by rename, so a run killed at any moment resumes to the weights of an
+uninterrupted one.
 """
 
 from __future__ import annotations
 
-import json
-import pickle
-import shutil
-from collections.abc import Iterable, Mapping
+import contextlib
+import io
+import logging
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from unseg.coco import annotation, read_json, write_json
+from unseg import coco
 from unseg.data.images import read_image
+from unseg.distill.detectron2_config import C4_EXTRA_NORM_HEAD, convert_resnet_state, detectron2_config
 from unseg.errors import UserError
 from unseg.models.checkpoint import read_checkpoint
 from unseg.models.resnet import resnet_state_dict_from_checkpoint
+from unseg.progress import progress
+from unseg.train import harness as H
 
-MISSING_DETECTRON2 = (
-    "distill.backend=detectron2 needs detectron2, which is not installed: pip install "
-    "'git+https://github.com/facebookresearch/detectron2.git' (needs a C++ compiler and the torch it is built against)"
-)
-
-# Our params with the paper's values (App. A.1) and MoCo's where the paper is silent.
-DETECTRON2_DEFAULTS: dict = {
-    "num_classes": None,  # required: number of pseudo-label categories
-    "depth": 50,  # R50-C4
-    "roi_heads": "Res5ROIHeadsExtraNorm",  # MoCo's C4 head: Res5ROIHeads + a norm after res5
-    "norm": "naiveSyncBN",  # MoCo's Base-RCNN-C4-BN.yaml (also runs on one GPU without a process group)
-    "freeze_at": 2,  # stem + res2 frozen ("first two backbone stages"; MoCo itself used 0)
-    "lr": 0.02,
-    "momentum": 0.9,
-    "weight_decay": 1e-4,
-    "gamma": 0.1,
-    "max_iter": 24000,
-    "steps": (20000, 22000),
-    "warmup_iters": 100,
-    "ims_per_batch": 16,
-    "reference_batch": 16,  # batch the schedule above was written for
-    "linear_scaling": False,  # scale lr by batch/16 and iterations by 16/batch when the batch differs
-    "min_size_train": (480, 800),
-    "min_size_train_sampling": "range",  # paper: a random value in [480, 800]; MoCo's VOC config: 'choice'
-    "max_size_train": 1333,
-    "min_size_test": 800,
-    "max_size_test": 1333,
-    "backbone_weights": "",  # local checkpoint (torchvision/MoCo/HSG .pth, or a detectron2 .pkl); '' = scratch
-    "score_thresh_test": 0.05,
-    "detections_per_image": 100,
-    "train_proposals": 2000,  # RPN POST_NMS_TOPK_TRAIN (C4 default)
-    "test_proposals": 1000,  # RPN POST_NMS_TOPK_TEST
-    "precise_bn": True,
-    "amp": False,
-    "num_workers": 4,
-    "checkpoint_period": 5000,
-    "seed": 0,
-    "device": "cuda",
-    "output_dir": "",
-    "train_dataset": "unseg_pseudo_train",
-    "test_dataset": "unseg_pseudo_predict",
-}
-
-
-def _scaled_schedule(p: dict) -> tuple[float, int, tuple[int, ...], int]:
-    """(lr, max_iter, steps, warmup) after the linear scaling rule (Goyal et al.), if enabled."""
-    lr, max_iter, steps, warmup = (
-        float(p["lr"]),
-        int(p["max_iter"]),
-        tuple(int(s) for s in p["steps"]),
-        int(p["warmup_iters"]),
-    )
-    if not p["linear_scaling"] or int(p["ims_per_batch"]) == int(p["reference_batch"]):
-        return lr, max_iter, steps, warmup
-    factor = int(p["ims_per_batch"]) / int(p["reference_batch"])
-    return (
-        lr * factor,
-        int(round(max_iter / factor)),
-        tuple(int(round(s / factor)) for s in steps),
-        int(round(warmup / factor)),
-    )
-
-
-def detectron2_config(cfg: dict) -> dict:
-    """Translate our ``distill`` params into a flat detectron2 config ``{'MODEL.X': value, ...}``.
-
-    Pure (no detectron2 import). Unknown keys and a missing ``num_classes`` are ``UserError``s.
-    Apply with ``cfg.merge_from_list([k, v, k, v, ...])`` on ``get_cfg()``.
-    """
-    unknown = sorted(set(cfg) - set(DETECTRON2_DEFAULTS))
-    if unknown:
-        raise UserError(f"detectron2 config: unknown keys {unknown}")
-    p = {**DETECTRON2_DEFAULTS, **cfg}
-    if not p["num_classes"] or int(p["num_classes"]) < 1:
-        raise UserError("detectron2 config: num_classes must be a positive integer")
-    if p["min_size_train_sampling"] not in ("range", "choice"):
-        raise UserError(f"min_size_train_sampling must be 'range' or 'choice', got {p['min_size_train_sampling']!r}")
-    if p["min_size_train_sampling"] == "range" and len(p["min_size_train"]) != 2:
-        raise UserError(f"min_size_train_sampling 'range' needs [min, max], got {list(p['min_size_train'])}")
-    lr, max_iter, steps, warmup = _scaled_schedule(p)
-    if not all(0 < s < max_iter for s in steps) or list(steps) != sorted(steps):
-        raise UserError(f"detectron2 config: steps {steps} must increase and lie inside max_iter {max_iter}")
-    return {
-        "MODEL.META_ARCHITECTURE": "GeneralizedRCNN",
-        "MODEL.DEVICE": p["device"],
-        "MODEL.WEIGHTS": str(p["backbone_weights"] or ""),
-        "MODEL.MASK_ON": True,
-        "MODEL.PIXEL_MEAN": [123.675, 116.280, 103.530],
-        "MODEL.PIXEL_STD": [58.395, 57.120, 57.375],
-        "MODEL.BACKBONE.NAME": "build_resnet_backbone",
-        "MODEL.BACKBONE.FREEZE_AT": int(p["freeze_at"]),
-        "MODEL.RESNETS.DEPTH": int(p["depth"]),
-        "MODEL.RESNETS.NORM": p["norm"],
-        "MODEL.RESNETS.STRIDE_IN_1X1": False,  # torchvision/MoCo ResNets stride in the 3x3 conv
-        "MODEL.RESNETS.OUT_FEATURES": ["res4"],
-        "MODEL.RESNETS.RES5_DILATION": 1,
-        "MODEL.RPN.IN_FEATURES": ["res4"],
-        "MODEL.RPN.PRE_NMS_TOPK_TEST": 6000,
-        "MODEL.RPN.POST_NMS_TOPK_TRAIN": int(p["train_proposals"]),
-        "MODEL.RPN.POST_NMS_TOPK_TEST": int(p["test_proposals"]),
-        "MODEL.ANCHOR_GENERATOR.SIZES": [[32, 64, 128, 256, 512]],
-        "MODEL.ROI_HEADS.NAME": p["roi_heads"],
-        "MODEL.ROI_HEADS.IN_FEATURES": ["res4"],
-        "MODEL.ROI_HEADS.NUM_CLASSES": int(p["num_classes"]),
-        "MODEL.ROI_HEADS.SCORE_THRESH_TEST": float(p["score_thresh_test"]),
-        "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION": 14,
-        "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION": 14,
-        "INPUT.FORMAT": "RGB",
-        "INPUT.MIN_SIZE_TRAIN": tuple(int(s) for s in p["min_size_train"]),
-        "INPUT.MIN_SIZE_TRAIN_SAMPLING": p["min_size_train_sampling"],
-        "INPUT.MAX_SIZE_TRAIN": int(p["max_size_train"]),
-        "INPUT.MIN_SIZE_TEST": int(p["min_size_test"]),
-        "INPUT.MAX_SIZE_TEST": int(p["max_size_test"]),
-        "INPUT.MASK_FORMAT": "bitmask",  # our pseudo-labels are RLE
-        "DATASETS.TRAIN": (p["train_dataset"],),
-        "DATASETS.TEST": (p["test_dataset"],),
-        "DATALOADER.NUM_WORKERS": int(p["num_workers"]),
-        "DATALOADER.FILTER_EMPTY_ANNOTATIONS": True,
-        "SOLVER.IMS_PER_BATCH": int(p["ims_per_batch"]),
-        "SOLVER.BASE_LR": lr,
-        "SOLVER.MOMENTUM": float(p["momentum"]),
-        "SOLVER.WEIGHT_DECAY": float(p["weight_decay"]),
-        "SOLVER.GAMMA": float(p["gamma"]),
-        "SOLVER.STEPS": steps,
-        "SOLVER.MAX_ITER": max_iter,
-        "SOLVER.WARMUP_ITERS": warmup,
-        "SOLVER.WARMUP_METHOD": "linear",
-        "SOLVER.CHECKPOINT_PERIOD": int(p["checkpoint_period"]),
-        "SOLVER.AMP.ENABLED": bool(p["amp"]),
-        "TEST.DETECTIONS_PER_IMAGE": int(p["detections_per_image"]),
-        "TEST.PRECISE_BN.ENABLED": bool(p["precise_bn"]),
-        "TEST.EVAL_PERIOD": 0,
-        "SEED": int(p["seed"]),
-        "OUTPUT_DIR": str(p["output_dir"]),
-    }
-
-
-def resnet_to_detectron2_names(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """torchvision ResNet names -> detectron2 ``build_resnet_backbone`` names, as numpy arrays.
-
-    ``conv1``/``bn1`` -> ``stem.conv1``/``stem.conv1.norm``; ``layerK`` -> ``res{K+1}``; ``bnJ`` ->
-    ``convJ.norm``; ``downsample.0``/``.1`` -> ``shortcut``/``shortcut.norm`` (the renaming MoCo's
-    ``convert-pretrain-to-detectron2.py`` performs). ``fc.*`` and ``num_batches_tracked`` are dropped.
-    """
-    out = {}
-    for name, value in state.items():
-        if name.startswith("fc.") or name.endswith("num_batches_tracked"):
-            continue
-        new = name if name.startswith("layer") else "stem." + name
-        for k in (1, 2, 3, 4):
-            new = new.replace(f"layer{k}.", f"res{k + 1}.")
-        for j in (1, 2, 3):
-            new = new.replace(f"bn{j}.", f"conv{j}.norm.")
-        new = new.replace("downsample.0.", "shortcut.").replace("downsample.1.", "shortcut.norm.")
-        out[new] = value.detach().cpu().numpy()
-    return out
-
-
-def convert_backbone_weights(path: str | Path, out_path: str | Path) -> Path:
-    """Write a detectron2 ``.pkl`` (``{'model': ..., 'matching_heuristics': True}``) from a torch ResNet checkpoint."""
-    obj = read_checkpoint(path, "backbone weights")
-    state, _, _ = resnet_state_dict_from_checkpoint(obj, str(path))
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "wb") as f:
-        pickle.dump({"model": resnet_to_detectron2_names(state), "__author__": "unseg", "matching_heuristics": True}, f)
-    return out_path
-
-
-def _import_detectron2():
-    try:
-        import detectron2  # noqa: F401
-    except ImportError as err:
-        raise UserError(MISSING_DETECTRON2) from err
-
-
-def _register_extra_norm_head() -> None:
-    """Register MoCo's ``Res5ROIHeadsExtraNorm`` (Res5ROIHeads + a norm layer after res5) once."""
+with warnings.catch_warnings():  # detectron2 0.6 on torch 2.x: torch.jit.script deprecation notices at import
+    warnings.simplefilter("ignore")
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import CfgNode, get_cfg
+    from detectron2.data import DatasetCatalog, MetadataCatalog, detection_utils, get_detection_dataset_dicts
+    from detectron2.data import transforms as T
+    from detectron2.data.datasets import register_coco_instances
+    from detectron2.engine import AMPTrainer, HookBase, SimpleTrainer, hooks
     from detectron2.layers import get_norm
+    from detectron2.modeling import build_model
     from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, Res5ROIHeads
+    from detectron2.solver import build_lr_scheduler, build_optimizer
 
-    if "Res5ROIHeadsExtraNorm" in ROI_HEADS_REGISTRY:
-        return
+# notices from detectron2 0.6's calls into torch 2.x, one per process, that say nothing about the run
+warnings.filterwarnings("ignore", message="torch.meshgrid: in an upcoming release", category=UserWarning)
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)  # is_fx_tracing's deprecation line
+for _name in ("detectron2", "fvcore"):  # their info lines and logged tracebacks: the stage prints its own one line
+    logging.getLogger(_name).addHandler(logging.NullHandler())
+    logging.getLogger(_name).propagate = False
+
+DATASET = "unseg_pseudo_labels"
+
+if C4_EXTRA_NORM_HEAD not in ROI_HEADS_REGISTRY:
 
     @ROI_HEADS_REGISTRY.register()
     class Res5ROIHeadsExtraNorm(Res5ROIHeads):
+        """MoCo's C4 box head (detection/train_net.py): ``Res5ROIHeads`` with a norm layer after res5."""
+
         def __init__(self, cfg, input_shape):
             super().__init__(cfg, input_shape)
             self.res5.add_module("norm", get_norm(cfg.MODEL.RESNETS.NORM, self.res5[-1].out_channels))
 
 
-def _json_with_absolute_files(train_json: str | Path, image_root_or_mapping, out_dir: Path) -> tuple[Path, str]:
-    """A copy of the pseudo-label json whose ``file_name`` are absolute paths, when given a mapping."""
-    if not isinstance(image_root_or_mapping, Mapping):
-        return Path(train_json), str(image_root_or_mapping)
-    coco = read_json(train_json)
-    for image in coco["images"]:
-        path = image_root_or_mapping.get(int(image["id"]))
-        if path is None:
-            raise UserError(f"no image file given for image id {image['id']}")
-        image["file_name"] = str(Path(path).resolve())
-    out = out_dir / "train_absolute_paths.json"
-    write_json(coco, out)
-    return out, ""
-
-
-def train_and_predict_detectron2(
-    config_dict: dict,
-    train_json: str | Path,
-    image_root_or_mapping: str | Path | Mapping[int, str | Path],
-    out_dir: str | Path,
-    predict_images: Iterable[tuple[int, str | Path]],
-) -> list[dict]:
-    """Train detectron2 on the pseudo-labels, predict ``(image_id, path)`` images, return COCO results.
-
-    ``config_dict`` comes from :func:`detectron2_config`. The pseudo-labels are registered with
-    ``register_coco_instances`` under ``DATASETS.TRAIN[0]``; a torch backbone checkpoint is converted to
-    a detectron2 ``.pkl`` first. Results have the format of
-    :func:`unseg.distill.maskrcnn.predict_instances` and are also written to ``out_dir/predictions.json``.
-    Category ids are the json's own (detectron2's contiguous ids mapped back); masks are detectron2's
-    (probability > 0.5, pasted at the original resolution). Resumes from the last detectron2
-    checkpoint in ``OUTPUT_DIR`` (``out_dir`` when empty).
-    """
-    _import_detectron2()
-    from detectron2.config import get_cfg
-    from detectron2.data import MetadataCatalog
-    from detectron2.data.datasets import register_coco_instances
-    from detectron2.engine import DefaultPredictor, DefaultTrainer
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = dict(config_dict)
-    config["OUTPUT_DIR"] = config.get("OUTPUT_DIR") or str(out_dir)
-    weights = config.get("MODEL.WEIGHTS", "")
-    if weights and not str(weights).endswith(".pkl"):
-        config["MODEL.WEIGHTS"] = str(convert_backbone_weights(weights, out_dir / "backbone_detectron2.pkl"))
-    _register_extra_norm_head()
-    json_path, image_root = _json_with_absolute_files(train_json, image_root_or_mapping, out_dir)
-    name = config["DATASETS.TRAIN"][0]
-    if name not in MetadataCatalog.list():
-        register_coco_instances(name, {}, str(json_path), image_root)
+def build_cfg(flat: dict) -> CfgNode:
+    """detectron2's default config with the flat ``{'MODEL.X': value}`` of ``detectron2_config`` merged in."""
     cfg = get_cfg()
-    cfg.merge_from_list([x for kv in config.items() for x in kv])
-    cfg.DATASETS.TEST = ()  # prediction happens below, not in the trainer's evaluation hook
+    cfg.merge_from_list([x for item in flat.items() for x in item])
     cfg.freeze()
-
-    trainer = DefaultTrainer(cfg)
-    trainer.resume_or_load(resume=True)
-    trainer.train()
-
-    predictor_cfg = cfg.clone()
-    predictor_cfg.defrost()
-    predictor_cfg.MODEL.WEIGHTS = str(Path(cfg.OUTPUT_DIR) / "model_final.pth")
-    predictor = DefaultPredictor(predictor_cfg)
-    contiguous_to_id = {v: k for k, v in MetadataCatalog.get(name).thing_dataset_id_to_contiguous_id.items()}
-    results = []
-    for image_id, path in predict_images:
-        image_bgr = np.ascontiguousarray(read_image(path)[:, :, ::-1])  # the pipeline's reader, as BGR
-        instances = predictor(image_bgr)["instances"].to("cpu")
-        masks = instances.pred_masks.numpy()
-        for mask, cls, score in zip(masks, instances.pred_classes.tolist(), instances.scores.tolist(), strict=True):
-            if not mask.any():
-                continue
-            category = contiguous_to_id[int(cls)]
-            results.append(annotation(len(results) + 1, int(image_id), category, mask, score=float(score)))
-    write_json(results, out_dir / "predictions.json")
-    return results
+    return cfg
 
 
-def run_detectron2(
-    cfg: dict, train_json: dict, paths: dict[int, str], index, work: Path, out: Path, log_path: Path
-) -> None:
-    """The detectron2 branch of ``distill_maskrcnn``: train on ``train_json`` in ``work`` (resumable), predict
-    every image of ``index``; writes ``out/predictions.json``, ``out/model.pt`` and the loss log."""
-    write_json(train_json, work / "train.json")
-    preds = train_and_predict_detectron2(
-        detectron2_config(cfg), work / "train.json", paths, work, [(e.id, e.file) for e in index.images]
+# ---------------------------------------------------------------- data
+
+
+def register_pseudo_labels(instances: dict, image_paths: dict[int, Path], work: Path) -> list[dict]:
+    """Register the pseudo-label COCO json as detectron2's dataset ``DATASET`` and return its records, images
+    without instances left out (``get_detection_dataset_dicts``). ``file_name`` becomes each image's path."""
+    missing = [im["id"] for im in instances["images"] if int(im["id"]) not in image_paths]
+    if missing:
+        raise UserError(f"no image file given for image ids {missing[:5]}")
+    images = [{**im, "file_name": str(Path(image_paths[int(im["id"])]).resolve())} for im in instances["images"]]
+    json_path = work / "train.json"
+    coco.write_json({**instances, "images": images}, json_path)
+    if DATASET in DatasetCatalog.list():
+        DatasetCatalog.remove(DATASET)
+        MetadataCatalog.remove(DATASET)
+    register_coco_instances(DATASET, {}, str(json_path), "")
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "loading annotations into memory..."
+        return get_detection_dataset_dicts([DATASET], filter_empty=True)
+
+
+def category_ids() -> list[int]:
+    """The pseudo-label category id of each of detectron2's contiguous classes 0..K-1."""
+    to_contiguous = MetadataCatalog.get(DATASET).thing_dataset_id_to_contiguous_id
+    return [cid for cid, _ in sorted(to_contiguous.items(), key=lambda item: item[1])]
+
+
+@contextlib.contextmanager
+def numpy_seeded(seed: int) -> Iterator[None]:
+    """numpy's global generator seeded for the block (detectron2's augmentations draw from it), then restored."""
+    state = np.random.get_state()
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+class TrainingMapper:
+    """A record -> detectron2's training input: the pipeline's image reader, then detectron2's
+    ``ResizeShortestEdge`` (shorter side drawn from ``INPUT.MIN_SIZE_TRAIN``) and ``RandomFlip(flip_p)``,
+    with their draws seeded per item; masks stay bitmasks, instances emptied by the resize are dropped."""
+
+    def __init__(self, cfg: CfgNode, flip_p: float):
+        self.augmentations = T.AugmentationList(
+            [
+                T.ResizeShortestEdge(
+                    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
+                ),
+                *([T.RandomFlip(prob=flip_p)] if flip_p > 0 else []),
+            ]
+        )
+
+    def __call__(self, record: dict, seed: int) -> dict:
+        image = read_image(record["file_name"])
+        detection_utils.check_image_size(record, image)
+        aug = T.AugInput(image)
+        with numpy_seeded(seed):
+            transforms = self.augmentations(aug)
+        shape = aug.image.shape[:2]
+        annotations = [
+            detection_utils.transform_instance_annotations(dict(a), transforms, shape)  # it writes into the dict
+            for a in record["annotations"]
+            if not a.get("iscrowd", 0)
+        ]
+        instances = detection_utils.annotations_to_instances(annotations, shape, mask_format="bitmask")
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(aug.image.transpose(2, 0, 1))),
+            "height": record["height"],
+            "width": record["width"],
+            "instances": detection_utils.filter_empty_instances(instances),
+        }
+
+
+def step_batches(records: Sequence[dict], mapper: TrainingMapper, batch_size: int, seed: int, info) -> H.StepBatches:
+    """Global batch s: the harness's permutation slice of ``records``, item i mapped with seed (seed, s, 1000 + i)."""
+    return H.StepBatches(
+        len(records),
+        batch_size,
+        seed,
+        lambda idx, step: [mapper(records[i], H.step_seed(seed, step, 1000 + i)) for i in idx],
+        info,
     )
-    write_json(preds, out / "predictions.json")
-    shutil.copy(work / "model_final.pth", out / "model.pt")
-    metrics = work / "metrics.json"  # detectron2's per-iteration log (json lines)
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.write_text(
-        "step,loss\n" + "".join(f"{r['iteration']},{r['total_loss']}\n" for r in rows if "total_loss" in r)
+
+
+# ---------------------------------------------------------------- model and weights
+
+
+def load_backbone(model: torch.nn.Module, path: str | Path, *, fpn: bool) -> str:
+    """Initialise the ResNet trunk of ``model`` from a torchvision-format checkpoint (HSG's, MoCo's, a plain
+    state dict): every tensor is renamed to detectron2's names and must exist in the model with its shape.
+    Returns the one-line report (loaded count, and the trunk tensors the checkpoint did not cover)."""
+    state, _, _ = resnet_state_dict_from_checkpoint(read_checkpoint(path, "backbone weights"), str(path))
+    converted = convert_resnet_state(state, fpn=fpn)
+    own = model.state_dict()
+    unmatched = [k for k in converted if k not in own]
+    if unmatched:
+        raise UserError(f"{path}: {len(unmatched)} tensors have no place in the detectron2 model, e.g. {unmatched[:3]}")
+    wrong = [k for k, v in converted.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise UserError(
+            f"{path}: {wrong[0]} has shape {tuple(converted[wrong[0]].shape)}, the model {tuple(own[wrong[0]].shape)} "
+            "(another ResNet depth than distill.backbone?)"
+        )
+    trunk = ("backbone.bottom_up.",) if fpn else ("backbone.stem.", "backbone.res", "roi_heads.res5.")
+    head = "roi_heads.res5.norm."  # MoCo's extra norm after res5 belongs to the box head: it starts untrained
+    uncovered = [
+        k
+        for k in own
+        if k.startswith(trunk)
+        and not k.startswith(head)
+        and k not in converted
+        and not k.endswith("num_batches_tracked")
+    ]
+    model.load_state_dict(converted, strict=False)
+    return f"{path}: {len(converted)} tensors loaded into the trunk; not in the checkpoint: {uncovered or 'none'}"
+
+
+# ---------------------------------------------------------------- training
+
+
+class AtomicCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` whose files appear whole or not at all (temporary file, then rename)."""
+
+    def save(self, name: str, **kwargs) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict(), **{k: v.state_dict() for k, v in self.checkpointables.items()}}
+        data.update(kwargs)
+        path = Path(self.save_dir) / f"{name}.pth"
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(data, tmp)
+        os.replace(tmp, path)
+        self.tag_last_checkpoint(path.name)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        tag = Path(self.save_dir) / "last_checkpoint"
+        tmp = tag.with_name(tag.name + ".tmp")
+        tmp.write_text(last_filename_basename)
+        os.replace(tmp, tag)
+
+
+class StepSeeds(HookBase):
+    """Seed torch's global generator from (seed, step) before each step (the RPN's and RoI heads' sampling),
+    as the harness does for every other training loop."""
+
+    def __init__(self, seed: int, rank: int):
+        self.seed, self.rank = seed, rank
+
+    def before_step(self):
+        torch.manual_seed(H.step_seed(self.seed, self.trainer.iter, salt=2) + self.rank)
+
+
+class ClipGradients(HookBase):
+    """Clip the gradient norm of the whole model (as the torchvision backend does; detectron2's own clipping is
+    per parameter) between backward and the optimizer step."""
+
+    def __init__(self, max_norm: float):
+        self.max_norm = max_norm
+
+    def after_backward(self):
+        params = [p for g in self.trainer.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+
+
+class LossLog(HookBase):
+    """Each step's losses to the project's CSV loss log (rows after a resumed step dropped) and a progress bar."""
+
+    def __init__(self, path: Path, is_main: bool):
+        self.path, self.is_main = path, is_main
+
+    def before_train(self):
+        start, total = self.trainer.start_iter, self.trainer.max_iter
+        self.log = H.CsvLog(self.path, resume_step=start, is_main=self.is_main)
+        self.bar = progress(total=total, initial=start, desc="maskrcnn", disable=not self.is_main, dynamic_ncols=True)
+
+    def after_step(self):
+        latest = self.trainer.storage.latest()
+        values = {k: v for k, (v, _) in latest.items() if k == "total_loss" or k.startswith("loss_") or k == "lr"}
+        if "total_loss" in values:
+            values = {"loss": values.pop("total_loss"), **values}
+            self.log.write(self.trainer.iter, values)
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in list(values.items())[:3]})
+        self.bar.update(1)
+
+    def after_train(self):
+        self.bar.close()
+
+
+def train_detectron2(
+    cfg: CfgNode,
+    records: Sequence[dict],
+    *,
+    ckpt_dir: Path,
+    log_path: Path,
+    seed: int,
+    flip_p: float,
+    clip_grad: float,
+    amp: bool,
+    workers: int,
+    backbone_weights: str | None = None,
+    info: H.DistInfo = H.SINGLE_PROCESS,
+    extra_hooks: Sequence[HookBase] = (),
+) -> tuple[torch.nn.Module, int, str]:
+    """Train detectron2's Mask R-CNN of ``cfg`` on ``records`` for ``SOLVER.MAX_ITER`` steps, resuming from the
+    last checkpoint in ``ckpt_dir``; returns the trained model, the number of steps run now and the backbone
+    initialisation's report. ``extra_hooks`` run after the project's (a benchmark's clock)."""
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    report = "from scratch"
+    if backbone_weights:
+        report = load_backbone(model, backbone_weights, fpn=cfg.MODEL.BACKBONE.NAME == "build_resnet_fpn_backbone")
+    device = torch.device(cfg.MODEL.DEVICE)
+    trained = H.wrap_ddp(model, info, device, broadcast_buffers=False)
+    optimizer = build_optimizer(cfg, model)
+    if amp and device.type == "cuda":  # bf16 needs no loss scaling: the scaler is off
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        trainer = AMPTrainer(trained, [], optimizer, grad_scaler=scaler, precision=torch.bfloat16)
+    else:
+        trainer = SimpleTrainer(trained, [], optimizer)
+    checkpointer = AtomicCheckpointer(model, str(ckpt_dir), save_to_disk=info.is_main, trainer=trainer)
+    trainer.register_hooks(
+        [
+            StepSeeds(seed, info.rank),
+            ClipGradients(clip_grad) if clip_grad > 0 else None,
+            hooks.LRScheduler(optimizer, build_lr_scheduler(cfg, optimizer)),
+            LossLog(log_path, info.is_main),
+            hooks.PeriodicCheckpointer(checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=2),
+            *extra_hooks,
+        ]
     )
+    checkpointer.resume_or_load("", resume=True)  # the last checkpoint, with the trainer's iteration and optimizer
+    start = trainer.iter + 1 if checkpointer.has_checkpoint() else 0  # past the end after model_final: no steps
+    total = cfg.SOLVER.MAX_ITER
+    batches = step_batches(records, TrainingMapper(cfg, flip_p), cfg.SOLVER.IMS_PER_BATCH, seed, info)
+    trainer.data_loader = H.step_loader(batches, start, total, workers)
+    try:
+        trainer.train(start, total)
+    except FloatingPointError as err:
+        raise UserError(
+            f"maskrcnn: the loss became non-finite at step {trainer.iter}; lower distill.lr or set distill.clip_grad"
+        ) from err
+    return model, max(0, total - start), report
+
+
+# ---------------------------------------------------------------- prediction
+
+
+@torch.no_grad()
+def predict_detectron2(
+    model: torch.nn.Module,
+    cfg: CfgNode,
+    images: Iterable[tuple[int, str | Path]],
+    *,
+    category_ids: Sequence[int],
+    batch_size: int = 1,
+    amp: bool = False,
+) -> list[dict]:
+    """COCO results for ``(image_id, path)`` images, written by the same writer as the torchvision backend's
+    (:func:`unseg.coco.instance_results`): masks pasted at the original resolution (probability > 0.5), scores
+    at least ``ROI_HEADS.SCORE_THRESH_TEST``, ``category_id`` the pseudo-label category."""
+    model.eval()
+    device = torch.device(cfg.MODEL.DEVICE)
+    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    results: list[dict] = []
+    pending: list[tuple[int, np.ndarray]] = []
+
+    def flush() -> None:
+        inputs = [
+            {
+                "image": torch.from_numpy(
+                    np.ascontiguousarray(resize.get_transform(im).apply_image(im).transpose(2, 0, 1))
+                ),
+                "height": im.shape[0],
+                "width": im.shape[1],
+            }
+            for _, im in pending
+        ]
+        with H.autocast(device, amp):
+            outputs = model(inputs)
+        for (image_id, _), out in zip(pending, outputs, strict=True):
+            inst = out["instances"].to("cpu")
+            categories = [category_ids[c] for c in inst.pred_classes.tolist()]
+            results.extend(
+                coco.instance_results(image_id, inst.pred_masks.numpy(), categories, inst.scores.float().tolist())
+            )
+        pending.clear()
+
+    for image_id, path in images:
+        pending.append((int(image_id), read_image(path)))
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    return coco.number_results(results)
+
+
+# ---------------------------------------------------------------- the stage's entry point
+
+
+@dataclass
+class Distilled:
+    bundle: dict  # model.pt: backend, weights, classes and the detectron2 config that rebuilds the network
+    predictions: list[dict]
+    steps_run: int
+    init_report: str
+
+
+def distill_with_detectron2(
+    distill,
+    *,
+    instances: dict,
+    image_paths: dict[int, Path],
+    predict: Iterable[tuple[int, str | Path]],
+    backbone_weights: str | None,
+    ckpt_dir: Path,
+    log_path: Path,
+    device: torch.device,
+    info: H.DistInfo = H.SINGLE_PROCESS,
+) -> Distilled | None:
+    """Train on the pseudo-label ``instances`` (resumable in ``ckpt_dir``), then predict the ``predict`` images.
+    Returns ``None`` on every process but the main one."""
+    flat = detectron2_config(distill, num_classes=len(instances["categories"]), device=device.type)
+    cfg = build_cfg(flat)
+    records = register_pseudo_labels(instances, image_paths, ckpt_dir)
+    model, ran, report = train_detectron2(
+        cfg,
+        records,
+        ckpt_dir=ckpt_dir,
+        log_path=log_path,
+        seed=distill.seed,
+        flip_p=distill.flip_p,
+        clip_grad=distill.clip_grad,
+        amp=distill.amp,
+        workers=distill.workers,
+        backbone_weights=backbone_weights,
+        info=info,
+    )
+    if not info.is_main:
+        return None
+    ids = category_ids()
+    preds = predict_detectron2(model, cfg, predict, category_ids=ids, batch_size=distill.batch_size, amp=distill.amp)
+    bundle = {
+        "backend": "detectron2",
+        "model": model.state_dict(),
+        "num_classes": len(ids),
+        "category_ids": ids,
+        "detectron2_config": flat,
+    }
+    return Distilled(bundle, preds, ran, report)

@@ -27,7 +27,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from unseg.coco import annotation, decode_segmentation, read_json
+from unseg.coco import decode_segmentation, instance_results, number_results, read_json
 from unseg.data.index import read_image
 from unseg.errors import UserError
 from unseg.models.resnet import create_resnet, load_resnet_weights, resnet_stage_channels
@@ -349,14 +349,10 @@ def maskrcnn_train_step(
 def _results_for_image(
     image_id: int, output: dict, category_ids: Sequence[int] | None, score_threshold: float, mask_threshold: float
 ) -> list[dict]:
-    results = []
     masks = (output["masks"][:, 0] > mask_threshold).cpu().numpy()
-    for mask, label, score in zip(masks, output["labels"].tolist(), output["scores"].tolist(), strict=True):
-        if score < score_threshold or not mask.any():
-            continue
-        category = int(label) - 1 if category_ids is None else int(category_ids[int(label) - 1])
-        results.append(annotation(0, image_id, category, mask, score=score))
-    return results
+    labels = output["labels"].tolist()
+    categories = [label - 1 if category_ids is None else category_ids[label - 1] for label in labels]
+    return instance_results(image_id, masks, categories, output["scores"].tolist(), score_threshold)
 
 
 @torch.no_grad()
@@ -397,6 +393,4 @@ def predict_instances(
             flush()
     if pending:
         flush()
-    for i, rec in enumerate(results, start=1):
-        rec["id"] = i
-    return results
+    return number_results(results)

@@ -1,6 +1,6 @@
-"""The ``distill`` params section as the two backends take it: the torchvision Mask R-CNN built by field
-name, the detectron2 config vocabulary (no detectron2 import needed), and the digest of what training
-computes (the resumable checkpoints are guarded by it)."""
+"""The ``distill`` params section as the torchvision backend takes it (the Mask R-CNN built by field name;
+detectron2's config is :mod:`unseg.distill.detectron2_config`), and the digest of what training computes
+(the resumable checkpoints are guarded by it)."""
 
 from __future__ import annotations
 
@@ -49,35 +49,3 @@ def torchvision_maskrcnn(d, k: int) -> torch.nn.Module:
         rpn_pre_nms_top_n_train=d.train_proposals, rpn_post_nms_top_n_train=d.train_proposals,
         rpn_pre_nms_top_n_test=d.test_proposals, rpn_post_nms_top_n_test=d.test_proposals,
     )  # fmt: skip
-
-
-def detectron2_params(d, k: int, out: Path, device: torch.device) -> dict:
-    """Our ``distill`` params in the vocabulary of :func:`unseg.distill.detectron2_backend.detectron2_config`."""
-    return {
-        "num_classes": k,
-        "depth": int(d.backbone.removeprefix("resnet")),
-        "lr": d.lr,
-        "momentum": d.momentum,
-        "weight_decay": d.weight_decay,
-        "max_iter": d.steps,
-        "steps": tuple(d.lr_steps),
-        "warmup_iters": d.warmup_steps,
-        "ims_per_batch": d.batch_size,
-        "min_size_train": (d.train_min_size, d.train_max_size),
-        "min_size_train_sampling": d.size_sampling,
-        "max_size_train": d.max_size,
-        "min_size_test": d.test_size,
-        "max_size_test": d.max_size,
-        "backbone_weights": d.backbone_weights or "",
-        "score_thresh_test": d.score_threshold,
-        "detections_per_image": d.detections_per_image,
-        "train_proposals": d.train_proposals,
-        "test_proposals": d.test_proposals,
-        "amp": d.amp,
-        "num_workers": d.workers,
-        "checkpoint_period": d.ckpt_every,
-        "seed": d.seed,
-        "device": device.type,
-        "output_dir": str(out),
-        "freeze_at": 5 - d.trainable_layers,
-    }

@@ -45,7 +45,7 @@ def measure(distill, index: DatasetIndex, pseudo: dict, images: int, budget_step
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = D2.build_cfg(detectron2_config(distill, num_classes=len(pseudo["categories"])))
-        records = D2.register_pseudo_labels(split_instances(pseudo, train_ids), paths, Path(tmp))
+        records = D2.register_pseudo_labels(split_instances(pseudo, train_ids), paths)
         model, _, _ = D2.train_detectron2(
             cfg,
             records,

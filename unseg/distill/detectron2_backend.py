@@ -17,6 +17,7 @@ import contextlib
 import io
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -79,20 +80,21 @@ def build_cfg(flat: dict) -> CfgNode:
 # ---------------------------------------------------------------- data
 
 
-def register_pseudo_labels(instances: dict, image_paths: dict[int, Path], work: Path) -> list[dict]:
+def register_pseudo_labels(instances: dict, image_paths: dict[int, Path]) -> list[dict]:
     """Register the pseudo-label COCO json as detectron2's dataset ``DATASET`` and return its records, images
-    without instances left out (``get_detection_dataset_dicts``). ``file_name`` becomes each image's path."""
+    without instances left out (``get_detection_dataset_dicts``). ``file_name`` becomes each image's path. The
+    json lives in a temporary folder of this process (DDP ranks do not share it) while the records load."""
     missing = [im["id"] for im in instances["images"] if int(im["id"]) not in image_paths]
     if missing:
         raise UserError(f"no image file given for image ids {missing[:5]}")
     images = [{**im, "file_name": str(Path(image_paths[int(im["id"])]).resolve())} for im in instances["images"]]
-    json_path = work / "train.json"
-    coco.write_json({**instances, "images": images}, json_path)
     if DATASET in DatasetCatalog.list():
         DatasetCatalog.remove(DATASET)
         MetadataCatalog.remove(DATASET)
-    register_coco_instances(DATASET, {}, str(json_path), "")
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "loading annotations into memory..."
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):  # pycocotools' prints
+        json_path = Path(tmp) / "pseudo_labels.json"
+        coco.write_json({**instances, "images": images}, json_path)
+        register_coco_instances(DATASET, {}, str(json_path), "")
         return get_detection_dataset_dicts([DATASET], filter_empty=True)
 
 
@@ -399,7 +401,7 @@ def distill_with_detectron2(
     Returns ``None`` on every process but the main one."""
     flat = detectron2_config(distill, num_classes=len(instances["categories"]), device=device.type)
     cfg = build_cfg(flat)
-    records = register_pseudo_labels(instances, image_paths, ckpt_dir)
+    records = register_pseudo_labels(instances, image_paths)
     model, ran, report = train_detectron2(
         cfg,
         records,

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from paper_smoke import detectron2_loads  # noqa: E402
+from benchmarks.paper_smoke import detectron2_loads
 
 ROOT = Path(__file__).resolve().parents[2]
 

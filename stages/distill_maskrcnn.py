@@ -20,11 +20,11 @@ from unseg.cli import log, parser, run_stage
 from unseg.data.index import DatasetIndex
 from unseg.distill.detectron2_config import require_detectron2
 from unseg.distill.maskrcnn import CocoInstanceDataset, load_image, predict_instances
-from unseg.distill.params import split_instances, torchvision_maskrcnn, training_digest
+from unseg.distill.params import maskrcnn_architecture, split_instances, torchvision_maskrcnn, training_digest
 from unseg.distill.trainer import MaskRCNNTraining, train_maskrcnn
 from unseg.errors import UserError
 from unseg.launch import relaunch_under_torchrun
-from unseg.models.checkpoint import save_checkpoint
+from unseg.models.bundle import Preprocess, make_bundle, save_bundle
 from unseg.models.resnet import resolve_backbone_weights
 from unseg.params import config_from
 from unseg.progress import progress
@@ -60,9 +60,17 @@ def main(args, params) -> None:
     if not info.is_main:
         return
     log("distill_maskrcnn", f"{ran} of {d.steps} steps run now; predicting on {len(index.images)} images")
-    save_checkpoint(
-        {"model": model.state_dict(), "num_classes": k, "category_ids": dataset.category_ids}, args.out / "model.pt"
+    bundle = make_bundle(
+        "maskrcnn",
+        model=model,
+        architecture=maskrcnn_architecture(d),
+        num_classes=k,
+        preprocess=Preprocess(short_side=d.test_size, max_size=d.max_size),
+        params_digest=digest,
+        backend="torchvision",
+        category_ids=dataset.category_ids,
     )
+    save_bundle(bundle, args.out / "model.pt")
     images = ((e.id, load_image(e.file)) for e in progress(index.images, desc="predict"))
     preds = predict_instances(
         model, images, device, d.score_threshold, category_ids=dataset.category_ids, batch_size=d.batch_size, amp=d.amp
@@ -92,7 +100,17 @@ def distill_detectron2(args, d, train_json: dict, paths: dict, index: DatasetInd
     if done is None:  # not the main process
         return
     log("distill_maskrcnn", f"detectron2: backbone {done.init_report}; {done.steps_run} of {d.steps} steps run now")
-    save_checkpoint(done.bundle, args.out / "model.pt")
+    bundle = make_bundle(
+        "maskrcnn",
+        model=done.model,
+        architecture=done.config,
+        num_classes=len(done.category_ids),
+        preprocess=Preprocess(short_side=d.test_size, max_size=d.max_size),
+        params_digest=digest,
+        backend="detectron2",
+        category_ids=done.category_ids,
+    )
+    save_bundle(bundle, args.out / "model.pt")
     coco.write_json(done.predictions, args.out / "predictions.json")
     shutil.copy(ckpt.path / "loss.csv", args.log)
     log("distill_maskrcnn", f"{len(done.predictions)} predictions -> {args.out / 'predictions.json'}")

@@ -62,5 +62,5 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     json_path, ckpt = Path(sys.argv[1]), Path(sys.argv[2])
     done = train(json_path, ckpt, int(sys.argv[3]), int(sys.argv[4]))
-    torch.save(done.bundle["model"], ckpt / "final.pt")
+    torch.save(done.model.state_dict(), ckpt / "final.pt")
     write_json(done.predictions, ckpt / "predictions.json")

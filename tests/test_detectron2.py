@@ -5,6 +5,7 @@ load (``make detectron2`` installs it)."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -75,7 +76,7 @@ def test_loss_falls_and_each_object_is_found_with_its_category(trained):
         same = [p for p in done.predictions if p["image_id"] == ann["image_id"]]
         same = [decode_segmentation(p["segmentation"], 64, 80) for p in same if p["category_id"] == ann["category_id"]]
         assert max((m & truth).sum() / (m | truth).sum() for m in same) > 0.5, ann["id"]
-    evaluation = COCOeval(gt, gt.loadRes(done.predictions), "segm")
+    evaluation = COCOeval(gt, gt.loadRes(copy.deepcopy(done.predictions)), "segm")  # loadRes edits its input
     evaluation.evaluate()
     evaluation.accumulate()
     evaluation.summarize()
@@ -103,18 +104,29 @@ def test_predictions_are_the_shared_coco_results_that_filter_confident_takes(tra
 
 
 @pytest.mark.slow
-def test_the_model_bundle_rebuilds_the_network_without_params(trained, tmp_path):
-    from detectron2.modeling import build_model
+def test_the_model_bundle_rebuilds_the_network_and_its_predictions_without_params(trained, tmp_path):
+    import unseg
+    from unseg.distill.detectron2_backend import build_cfg, predict_detectron2
+    from unseg.models.bundle import Preprocess, make_bundle, read_bundle, save_bundle
 
-    from unseg.distill.detectron2_backend import build_cfg
-    from unseg.models.checkpoint import read_checkpoint, save_checkpoint
-
-    _, done, _ = trained
-    save_checkpoint(done.bundle, tmp_path / "model.pt")
-    bundle = read_checkpoint(tmp_path / "model.pt", "model")  # weights_only
-    assert bundle["backend"] == "detectron2" and bundle["category_ids"] == [3, 7] and bundle["num_classes"] == 2
-    model = build_model(build_cfg(bundle["detectron2_config"]))
-    model.load_state_dict(bundle["model"], strict=True)
+    json_path, done, _ = trained
+    bundle = make_bundle(
+        "maskrcnn",
+        model=done.model,
+        architecture=done.config,
+        num_classes=2,
+        preprocess=Preprocess(short_side=64),
+        params_digest="x",
+        backend="detectron2",
+        category_ids=done.category_ids,
+    )  # as stages/distill_maskrcnn.py writes it
+    save_bundle(bundle, tmp_path / "model.pt")
+    assert read_bundle(tmp_path / "model.pt")["category_ids"] == [3, 7]
+    model, prep = unseg.load_model(tmp_path / "model.pt")  # weights_only
+    assert prep.short_side == 64 and not model.training
+    images = sorted((int(p.stem), p) for p in json_path.parent.glob("*.png"))
+    again = predict_detectron2(model, build_cfg(done.config), images, category_ids=done.category_ids, batch_size=2)
+    assert again == done.predictions
 
 
 @pytest.mark.slow
@@ -229,7 +241,7 @@ def test_the_pipeline_runs_on_detectron2_and_its_predictions_flow_downstream(d2_
     assert {"2 + Mask R-CNN", "3 + confidence filter", "4 + DeepLab-v3"} <= set(table1)
     assert all(0 <= row["miou"] <= 1 for row in table1.values())
     bundle = torch.load(d2_repo / "artifacts/maskrcnn/model.pt", weights_only=True)
-    assert bundle["backend"] == "detectron2" and bundle["detectron2_config"]["MODEL.RESNETS.DEPTH"] == 18
+    assert bundle["backend"] == "detectron2" and bundle["architecture"]["MODEL.RESNETS.DEPTH"] == 18
     log = (d2_repo / "artifacts/plots/maskrcnn_loss.csv").read_text().splitlines()
     assert log[0].startswith("step,loss,") and len(log) == 1 + 4
 

@@ -24,6 +24,7 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from unseg.data.index import read_image
 from unseg.errors import UserError
 from unseg.matching import ConfusionAccumulator, evaluate_clusters
+from unseg.models.bundle import load_state
 from unseg.models.checkpoint import read_checkpoint, save_checkpoint
 from unseg.models.resnet import create_resnet, load_resnet_weights, resnet_stage_channels
 from unseg.models.vit import IMAGENET_MEAN, IMAGENET_STD
@@ -191,6 +192,11 @@ ARCHITECTURE = ("backbone", "output_stride", "aspp_rates", "freeze_blocks", "dec
 def architecture_of(config) -> dict:
     """The :func:`build_deeplab` keyword arguments held by a ``deeplab`` params section (by field name)."""
     return {name: getattr(config, name) for name in ARCHITECTURE}
+
+
+def deeplab_from_bundle(bundle: dict) -> DeepLabV3:
+    """The DeepLab of a ``model.pt`` bundle (:mod:`unseg.models.bundle`), weights loaded, in eval mode."""
+    return load_state(build_deeplab(bundle["num_classes"], **bundle["architecture"]), bundle)
 
 
 def set_train_mode(model: nn.Module) -> nn.Module:

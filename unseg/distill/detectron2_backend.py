@@ -329,14 +329,14 @@ def train_detectron2(
 def predict_detectron2(
     model: torch.nn.Module,
     cfg: CfgNode,
-    images: Iterable[tuple[int, str | Path]],
+    images: Iterable[tuple[int, str | Path | np.ndarray]],
     *,
     category_ids: Sequence[int],
     batch_size: int = 1,
     amp: bool = False,
 ) -> list[dict]:
-    """COCO results for ``(image_id, path)`` images, written by the same writer as the torchvision backend's
-    (:func:`unseg.coco.instance_results`): masks pasted at the original resolution (probability > 0.5), scores
+    """COCO results for ``(image_id, path or (H, W, 3) uint8 image)`` pairs, written by the torchvision backend's
+    writer (:func:`unseg.coco.instance_results`): masks pasted at the original resolution (probability > 0.5), scores
     at least ``ROI_HEADS.SCORE_THRESH_TEST``, ``category_id`` the pseudo-label category."""
     model.eval()
     device = torch.device(cfg.MODEL.DEVICE)
@@ -365,8 +365,8 @@ def predict_detectron2(
             )
         pending.clear()
 
-    for image_id, path in images:
-        pending.append((int(image_id), read_image(path)))
+    for image_id, image in images:
+        pending.append((int(image_id), image if isinstance(image, np.ndarray) else read_image(image)))
         if len(pending) == batch_size:
             flush()
     if pending:
@@ -379,7 +379,9 @@ def predict_detectron2(
 
 @dataclass
 class Distilled:
-    bundle: dict  # model.pt: backend, weights, classes and the detectron2 config that rebuilds the network
+    model: torch.nn.Module  # trained, in eval mode
+    config: dict  # the flat detectron2 config that rebuilds it
+    category_ids: list[int]  # the pseudo-label category of each class
     predictions: list[dict]
     steps_run: int
     init_report: str
@@ -419,11 +421,4 @@ def distill_with_detectron2(
         return None
     ids = category_ids()
     preds = predict_detectron2(model, cfg, predict, category_ids=ids, batch_size=distill.batch_size, amp=distill.amp)
-    bundle = {
-        "backend": "detectron2",
-        "model": model.state_dict(),
-        "num_classes": len(ids),
-        "category_ids": ids,
-        "detectron2_config": flat,
-    }
-    return Distilled(bundle, preds, ran, report)
+    return Distilled(model, flat, ids, preds, ran, report)

@@ -39,13 +39,29 @@ def split_instances(pseudo: dict, image_ids: set[int]) -> dict:
     }
 
 
+def maskrcnn_architecture(d) -> dict:
+    """The :func:`unseg.distill.maskrcnn.build_maskrcnn` keyword arguments of the ``distill`` section ``d`` (what
+    a model bundle stores to rebuild the network)."""
+    return {
+        "backbone": d.backbone,
+        "trainable_layers": d.trainable_layers,
+        "min_size": d.test_size,
+        "max_size": d.max_size,
+        "fpn": d.fpn,
+        "anchor_sizes": list(d.anchor_sizes),
+        "representation_size": d.representation_size,
+        "mask_head_channels": list(d.mask_head_channels),
+        "fpn_channels": d.fpn_channels,
+        "box_batch_size_per_image": d.box_batch_size_per_image,
+        "rpn_batch_size_per_image": d.rpn_batch_size_per_image,
+        "box_detections_per_img": d.detections_per_image,
+        "rpn_pre_nms_top_n_train": d.train_proposals,
+        "rpn_post_nms_top_n_train": d.train_proposals,
+        "rpn_pre_nms_top_n_test": d.test_proposals,
+        "rpn_post_nms_top_n_test": d.test_proposals,
+    }
+
+
 def torchvision_maskrcnn(d, k: int) -> torch.nn.Module:
     """The torchvision Mask R-CNN of the ``distill`` section ``d`` for ``k`` pseudo-label categories."""
-    return build_maskrcnn(
-        k, d.backbone, d.trainable_layers, d.test_size, d.max_size, d.backbone_weights, d.fpn, d.anchor_sizes,
-        representation_size=d.representation_size, mask_head_channels=d.mask_head_channels,
-        fpn_channels=d.fpn_channels, box_batch_size_per_image=d.box_batch_size_per_image,
-        rpn_batch_size_per_image=d.rpn_batch_size_per_image, box_detections_per_img=d.detections_per_image,
-        rpn_pre_nms_top_n_train=d.train_proposals, rpn_post_nms_top_n_train=d.train_proposals,
-        rpn_pre_nms_top_n_test=d.test_proposals, rpn_post_nms_top_n_test=d.test_proposals,
-    )  # fmt: skip
+    return build_maskrcnn(k, backbone_weights=d.backbone_weights, **maskrcnn_architecture(d))

@@ -14,15 +14,15 @@ import numpy as np
 import torch
 
 from unseg import store
-from unseg.crf import dense_crf
+from unseg.crf import crf_label_maps  # noqa: F401  (suites calls it as P.crf_label_maps)
 from unseg.data.index import ImageEntry, read_image
 from unseg.data.transforms import geometry, token_mask_to_pixels
-from unseg.deeplab import build_deeplab, deeplab_features, predict_semantic
+from unseg.deeplab import deeplab_features, deeplab_from_bundle
 from unseg.evaluation.dense import raw_pixel_kmeans_labels
 from unseg.evaluation.metrics import ForegroundIoU
 from unseg.evaluation.probe import images_within_budget, predict_probe, train_linear_probe
 from unseg.evaluation.report import score_label_maps
-from unseg.models.checkpoint import read_checkpoint
+from unseg.models.bundle import Preprocess, read_bundle
 from unseg.progress import progress
 
 Score = Callable[[dict[int, np.ndarray], int], dict]
@@ -40,17 +40,13 @@ def _image_tensor(e: ImageEntry) -> torch.Tensor:
     return torch.from_numpy(read_image(e)).permute(2, 0, 1)
 
 
-def load_deeplab(path, device, **architecture) -> torch.nn.Module:
-    """The trained DeepLab of ``train_deeplab`` (``model.pt``), in eval mode on ``device``.
-
-    ``architecture``: the keyword arguments of :func:`unseg.deeplab.build_deeplab` it was built with
-    (``backbone``, ``output_stride``, ``aspp_rates``, ``freeze_blocks``, ``decoder_channels``).
-    """
-    ckpt = read_checkpoint(path, "DeepLab model")
-    model = build_deeplab(ckpt["num_classes"], **architecture)
-    model.load_state_dict(ckpt["model"])
-    model.num_classes = ckpt["num_classes"]
-    return model.eval().to(device)
+def load_deeplab(path, device) -> tuple[torch.nn.Module, Preprocess]:
+    """The trained DeepLab of ``train_deeplab`` (its ``model.pt`` bundle), in eval mode on ``device``, with its
+    ``num_classes``, and its preprocessing."""
+    bundle = read_bundle(path, "deeplab")
+    model = deeplab_from_bundle(bundle)
+    model.num_classes = bundle["num_classes"]
+    return model.to(device), Preprocess(**bundle["preprocess"])
 
 
 def crf_available() -> bool:
@@ -59,18 +55,6 @@ def crf_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def crf_label_maps(model, entries: Sequence[ImageEntry], device, input_size: int) -> dict[int, np.ndarray]:
-    """DeepLab's logits refined by the dense CRF (released settings, ``unseg/crf.py``), per image."""
-    maps = {}
-    for e in progress(entries, desc="crf"):
-        image = read_image(e)
-        _, logits = predict_semantic(
-            model, torch.from_numpy(image).permute(2, 0, 1), device, return_logits=True, input_size=input_size
-        )
-        maps[e.id] = dense_crf(image, logits)
-    return maps
 
 
 def deeplab_feature_lists(

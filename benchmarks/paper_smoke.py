@@ -27,6 +27,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from unseg.dvcfile import load_stages  # noqa: E402  (yaml only: this process stays free of torch)
 
 SMOKE = {
     "data": {"dataset": "generated", "root": None, "train_split": "train", "val_split": "val", "n_train": 4},
@@ -113,7 +115,7 @@ def main() -> None:
     where = args.dir or Path(tempfile.mkdtemp(prefix="unseg_paper_smoke_"))
     where.mkdir(parents=True, exist_ok=True)
     project = make_project(where)
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    stages = load_stages(ROOT / "dvc.yaml")
     runs = {}
     for i, backend in enumerate(args.backends.split(",")):
         write_params(project, backend)

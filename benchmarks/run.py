@@ -8,7 +8,8 @@
 - extraction: images/s of ``extract_features``'s forward pass for the tiny and the paper backbone;
 - extraction_vs_bare, zarr_io, kmeans_grid, memory (``benchmarks/pipeline_io.py``): the pipeline's loops against
   the bare model, raw ``np.save``, faiss, and its own peak RSS at 1x;
-- rerun: full, no-op and mining-param ``dvc repro`` in a fresh clone.
+- rerun: full, no-op and mining-param ``dvc repro`` in a fresh clone;
+- segment: ``unseg segment``'s peak RSS over 100 and 1000 images and its speed against a bare ``model(x)`` loop.
 ``python -m benchmarks.run NAME...`` runs some; ``benchmarks/profile.py`` profiles the ones missing a target.
 """
 
@@ -200,8 +201,13 @@ def bench_extraction_vs_bare() -> dict:
         paper = pipeline_io.extraction_ratio(
             pipeline_io.photos(Path(tmp) / "p", 12), "vit_small_patch16_224", 16, None, 640, 4, repeats=3
         )
-    return {"tiny": tiny, "paper": paper, "ratio": min(tiny["ratio"], paper["ratio"]), "target": 0.9,
-            "meets_target": bool(tiny["meets_target"] and paper["meets_target"])}  # fmt: skip
+    return {
+        "tiny": tiny,
+        "paper": paper,
+        "ratio": min(tiny["ratio"], paper["ratio"]),
+        "target": 0.9,
+        "meets_target": bool(tiny["meets_target"] and paper["meets_target"]),
+    }
 
 
 def bench_rerun() -> dict:
@@ -216,8 +222,9 @@ def bench_rerun() -> dict:
 
         def repro() -> tuple[float, list[str]]:
             start = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=clone, env=env, capture_output=True,
-                                  text=True)  # fmt: skip
+            proc = subprocess.run(
+                [sys.executable, "-m", "dvc", "repro"], cwd=clone, env=env, capture_output=True, text=True
+            )
             if proc.returncode:
                 raise RuntimeError(f"dvc repro failed in {clone}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
             ran = [line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")]
@@ -244,6 +251,86 @@ def bench_rerun() -> dict:
     }
 
 
+def bench_segment(sizes: tuple[int, ...] = (100, 1000), repeats: int = 3) -> dict:
+    """``unseg segment`` on generated 112-128 px images with a tiny-profile DeepLab (random weights, batch 8):
+    peak RSS of a run over 100 and over 1000 images (each in a child process, median of ``repeats``), and its
+    images/s over 1000 images against a bare ``model(x)`` loop over the same images pre-loaded as input
+    tensors, in batches of 8 (medians of ``repeats`` alternations)."""
+    from unseg.data.images import read_image
+    from unseg.data.index import prepare_generated
+    from unseg.deeplab import architecture_of, build_deeplab
+    from unseg.models.bundle import Preprocess, make_bundle, save_bundle
+    from unseg.models.loading import load_model
+    from unseg.params import parse_params
+    from unseg.segment import segment
+
+    deeplab = parse_params({}).deeplab
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        torch.manual_seed(0)
+        model = build_deeplab(5, **architecture_of(deeplab))
+        prep = Preprocess(input_size=deeplab.crop_size, output_stride=deeplab.output_stride)
+        bundle = make_bundle(
+            "deeplab",
+            model=model,
+            architecture=architecture_of(deeplab),
+            num_classes=5,
+            preprocess=prep,
+            params_digest="bench",
+        )
+        save_bundle(bundle, tmp / "model.pt")
+        for n in sizes:
+            prepare_generated(tmp / f"d{n}", n, 0, 4, 3, 112, 128, seed=1)
+        code = (
+            "import sys; from pathlib import Path; from unseg.segment import segment; "
+            "segment([sys.argv[1]], Path(sys.argv[2]), model_path=Path(sys.argv[3]), device='cpu')"
+        )
+        peaks: dict[int, list[float]] = {n: [] for n in sizes}
+        for r in range(repeats):
+            for n in sizes:
+                cmd = [
+                    sys.executable,
+                    "-c",
+                    code,
+                    str(tmp / f"d{n}" / "images"),
+                    str(tmp / f"o{n}_{r}"),
+                    str(tmp / "model.pt"),
+                ]
+                proc = subprocess.Popen(cmd)
+                _, status, usage = os.wait4(proc.pid, 0)
+                if os.waitstatus_to_exitcode(status):
+                    raise RuntimeError(f"segment of {n} images failed")
+                peaks[n].append(usage.ru_maxrss / 1024)
+        n = max(sizes)
+        loaded, _ = load_model(tmp / "model.pt")
+        inputs = [prep.tensor(read_image(f)) for f in sorted((tmp / f"d{n}" / "images").glob("*.png"))]
+        batches = [torch.cat(inputs[i : i + 8]) for i in range(0, n, 8)]
+        tool_s, bare_s = [], []
+        for r in range(repeats):
+            start = time.perf_counter()
+            segment([tmp / f"d{n}" / "images"], tmp / f"t{r}", model_path=tmp / "model.pt", device="cpu")
+            tool_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            with torch.no_grad():
+                for x in batches:
+                    loaded(x)
+            bare_s.append(time.perf_counter() - start)
+    rss = {k: float(np.median(v)) for k, v in peaks.items()}
+    memory_ratio = rss[max(sizes)] / rss[min(sizes)]
+    ratio = float(np.median(bare_s) / np.median(tool_s))
+    return {
+        "peak_rss_mb": rss,
+        "peak_rss_runs_mb": peaks,
+        "memory_ratio_1000_over_100": memory_ratio,
+        "segment_images_per_s": n / float(np.median(tool_s)),
+        "bare_images_per_s": n / float(np.median(bare_s)),
+        "ratio": ratio,
+        "ratios": [b / t for b, t in zip(bare_s, tool_s, strict=True)],
+        "target": {"throughput_ratio": 0.8, "memory_ratio": 1.1},
+        "meets_target": bool(ratio >= 0.8 and memory_ratio <= 1.1),
+    }
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     env = {
@@ -264,6 +351,7 @@ def main() -> None:
         "rerun": bench_rerun,
         "kmeans_grid": pipeline_io.kmeans_grid,
         "memory": pipeline_io.peak_rss,
+        "segment": bench_segment,
     }
     only = set(sys.argv[1:]) or set(benches)
     for name, fn in benches.items():

@@ -83,7 +83,7 @@ def compact(modules: set[str]) -> list[str]:
 
 
 def stage_script(stage: dict) -> Path:
-    words = stage["cmd"].split()
+    words = stage.get("do", stage)["cmd"].split()  # a foreach stage: every key runs the same script
     return module_file(words[words.index("-m") + 1])
 
 
@@ -119,7 +119,7 @@ def main() -> None:
         path = ROOT / pipeline
         stages = yaml.safe_load(path.read_text())["stages"]
         for name, stage in stages.items():
-            have = [d for d in stage.get("deps", []) if str(d).startswith(CODE)]
+            have = [d for d in stage.get("do", stage).get("deps", []) if str(d).startswith(CODE)]
             if have != wanted_deps(stage):
                 stale += 1
                 print(f"{pipeline}:{name}: {have} -> {wanted_deps(stage)}")

@@ -1,9 +1,12 @@
-"""``unseg inspect``: what each stage of a run wrote, without writing Zarr or pycocotools code.
+"""The ``unseg`` command: ``inspect`` what each stage of a run wrote, ``segment`` new images with the trained
+model (:mod:`unseg.segment`), ``export`` the trained DeepLab (:mod:`unseg.export`).
 
     unseg inspect                          # every artifact: stage, up to date, size, files, images, params
     unseg inspect PATH                     # one store, COCO json or checkpoint: arrays, attributes, stats
     unseg inspect show IMAGE_ID [-o F.png] # that image at every stage, one labelled panel each
     unseg inspect grid [--n 8] [--sort worst|best|random] [-o F.png]  # one row of panels per image
+    unseg segment SRC... -o OUT [--instances] [--crf]   # new images: label PNGs, overlays, segments.json
+    unseg export artifacts/deeplab/model.pt -o deeplab.pt2 [--format onnx]
 
 Run from the project root (``python -m unseg inspect`` works too). Stores are read through
 :mod:`unseg.store`, one image's rows at a time; a missing artifact names the stage that writes it.
@@ -24,8 +27,11 @@ import numpy as np
 import yaml
 
 from unseg import coco, store
+from unseg import export as export_tool
 from unseg import figures as F
+from unseg import segment as segment_tool
 from unseg.data.index import DatasetIndex
+from unseg.dvcfile import load_stages
 from unseg.errors import UserError
 from unseg.models.checkpoint import read_checkpoint
 from unseg.params import load_params
@@ -40,7 +46,7 @@ def pipeline_outs(root: Path) -> list[tuple[str, str]]:
         if not (root / name).is_file():
             continue
         prefix = "" if name == "dvc.yaml" else f"{name}:"
-        for stage, spec in yaml.safe_load((root / name).read_text())["stages"].items():
+        for stage, spec in load_stages(root / name).items():
             for key in ("outs", "metrics", "plots"):
                 for out in spec.get(key, []):
                     found.append((next(iter(out)) if isinstance(out, dict) else out, prefix + stage))
@@ -168,11 +174,15 @@ def describe(path: Path) -> str:
 
 # ---------------------------------------------------------------- command line
 
+TOOLS = {
+    "segment": (segment_tool, "apply the trained model to images: label PNGs, overlays, an index"),
+    "export": (export_tool, "the trained DeepLab as a torch.export or ONNX file"),
+}
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="unseg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    raw = argparse.RawDescriptionHelpFormatter
+    ap = argparse.ArgumentParser(prog="unseg", description=__doc__, formatter_class=raw)
     sub = ap.add_subparsers(dest="command", required=True)
     ins = sub.add_parser("inspect", help="what the pipeline wrote")
     ins.add_argument("target", nargs="*", help="nothing | PATH ... | show IMAGE_ID | grid")
@@ -180,7 +190,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ins.add_argument("--sort", choices=("worst", "best", "random"), default="worst", help="grid order")
     ins.add_argument("-o", "--out", type=Path, default=None, help="PNG to write (show)")
     ins.add_argument("--root", type=Path, default=Path("."), help="project root (default: .)")
+    for name, (module, what) in TOOLS.items():
+        tool = sub.add_parser(name, help=what, description=module.__doc__, formatter_class=raw)
+        module.add_arguments(tool)
     args = ap.parse_args(argv)
+    if args.command in TOOLS:
+        try:
+            TOOLS[args.command][0].run(args)
+        except UserError as err:
+            print(f"unseg {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        return 0
     os.chdir(args.root)  # index paths of the generated dataset are relative to the project root
     args.root = Path(".")
     try:

@@ -2,9 +2,11 @@
 
 Reads: params ``evaluate``, ``data``, ``mining.upsample``, the DeepLab architecture; the index,
 ``features.zarr`` (geometry) and ``masks.zarr`` (mined masks), the pseudo-labels, the Mask R-CNN
-predictions, the filtered pseudo-ground-truth, the DeepLab model and predictions, and ``backbone.json``
+predictions, the filtered pseudo-ground-truth, the DeepLab model and predictions, each CRF self-training
+round's predictions (``--self-training``: the rows "6 + CRF self-training, round r"), and ``backbone.json``
 (the random-ViT baseline from ``evaluate_backbone``). Writes ``<out>/table1.json``, ``instances.json``,
-``linear.json``, ``baselines.json`` (DVC metrics) and ``table.md``; and, as DVC plots, ``<plots>/table1.csv``
+``linear.json``, ``baselines.json`` (DVC metrics), ``table.md`` and ``cluster_classes.json`` (the class each
+DeepLab cluster is matched to, for ``unseg segment --names matched``); and, as DVC plots, ``<plots>/table1.csv``
 (the rows as bars) and ``<plots>/worst.png`` / ``best.png`` (contact sheets of four val images each).
 
 Semantic scores: TP/FP/FN summed over the split at the original resolution; predicted clusters are
@@ -22,7 +24,7 @@ from unseg import figures
 from unseg.cli import log, parser, run_stage, write_text
 from unseg.data.index import DatasetIndex
 from unseg.evaluation.report import evaluation_markdown
-from unseg.evaluation.suites import RunArtifacts, run_suite
+from unseg.evaluation.suites import RunArtifacts, cluster_classes, run_suite, self_training_rows
 from unseg.train.harness import resolve_device
 
 COLUMNS = [
@@ -49,6 +51,7 @@ def main(args, params) -> None:
     if not val:
         note = f"no ground truth in split {split!r}: nothing to score (label-free: health.json)"
         write_metrics(args.out, {name: {"note": note} for name in METRICS}, note + "\n")
+        write_text(args.out / "cluster_classes.json", json.dumps({"note": note}) + "\n")
         figures.write_bars(args.plots / "table1.csv", [])
         figures.write_sheets(Path("."), index, split, args.plots)  # without labels: random images in both
         log("evaluate", note)
@@ -56,9 +59,12 @@ def main(args, params) -> None:
     art = RunArtifacts(**{name: getattr(args, name) for name in RunArtifacts.__dataclass_fields__})
     device = resolve_device(params.evaluate.device)
     values = run_suite(params, index, val, val_gts, art, device, lambda m: log("evaluate", m))
+    values["table1"] |= self_training_rows(args.self_training, val, val_gts, len(index.classes), index.ignore_index)
     tables = [values[name] for name in ("table1", "baselines", "instances", "linear")]
     text = evaluation_markdown(split, len(val), len(index.classes), values["clusters"], *tables, COLUMNS)
     write_metrics(args.out, values, text)
+    classes = cluster_classes(args.deeplab, val, val_gts, index.classes, index.ignore_index)
+    write_text(args.out / "cluster_classes.json", json.dumps({"split": split, **classes}, indent=2) + "\n")
     figures.write_bars(args.plots / "table1.csv", figures.table1_bars(values["table1"], values["baselines"]))
     figures.write_sheets(Path("."), index, split, args.plots)
     log("evaluate", "\n" + text)
@@ -66,4 +72,6 @@ def main(args, params) -> None:
 
 if __name__ == "__main__":
     names = ("index", "features", "masks", "pseudo_labels", "maskrcnn", "semantic", "deeplab", "backbone_metrics")
-    run_stage("evaluate", main, parser(__doc__, *names, "out", "plots"))
+    ap = parser(__doc__, *names, "out", "plots")
+    ap.add_argument("--self-training", type=Path, nargs="*", default=[], help="the self_train rounds' folders")
+    run_stage("evaluate", main, ap)

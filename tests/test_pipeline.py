@@ -63,6 +63,9 @@ STAGES = [
     "distill_maskrcnn",
     "filter_confident",
     "train_deeplab",
+    "self_train@1",
+    "self_train@2",
+    "self_train@3",
     "evaluate_backbone",
     "evaluate",
     "health",
@@ -193,7 +196,8 @@ def test_filter_tau_reruns_only_filter_deeplab_evaluate_and_health(micro_repo):
     (micro_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run([sys.executable, "-m", "dvc", "repro"], micro_repo, timeout=600)
     ran = stages_run(out)
-    assert "filter_confident" in ran and ran <= {"filter_confident", "train_deeplab", "evaluate", "health"}
+    downstream = {"filter_confident", "train_deeplab", "self_train@1", "self_train@2", "evaluate", "health"}
+    assert "filter_confident" in ran and ran <= downstream
 
 
 @pytest.mark.slow
@@ -227,7 +231,8 @@ def test_hsg_params_rerun_pretrain_hsg_and_its_consumers_never_the_vit_branch(mi
     before = predictions.read_bytes()
     out = run([sys.executable, "-m", "dvc", "repro"], micro_repo, timeout=600)
     ran = stages_run(out)
-    consumers = {"pretrain_hsg", "distill_maskrcnn", "train_deeplab", "evaluate", "health"}
+    consumers = {"pretrain_hsg", "distill_maskrcnn", "train_deeplab", "self_train@1", "self_train@2", "evaluate"}
+    consumers |= {"self_train@3", "health"}
     assert {"pretrain_hsg", "train_deeplab"} <= ran <= consumers
     assert predictions.read_bytes() == before
     assert len((micro_repo / "artifacts/plots/hsg_loss.csv").read_text().splitlines()) == 1 + 3  # header, 3 steps
@@ -269,3 +274,34 @@ def test_inspect_lists_artifacts_describes_them_and_draws_one_image(micro_repo, 
     assert stale.returncode == 0 and len(warnings) == 1
     assert "filter_confident" in warnings[0] and "mine_masks" not in warnings[0]  # dvc status: the stage whose
     # params changed (what follows it is stale through its outputs, which dvc status reports once they change)
+
+
+@pytest.mark.slow
+def test_unseg_segment_reproduces_train_deeplab_and_names_the_matched_classes(micro_repo, tmp_path):
+    """The workspace's DeepLab applied by ``unseg segment`` to the validation images gives train_deeplab's own
+    predictions pixel for pixel; ``--names matched`` uses evaluate's Hungarian match; ``--instances`` writes
+    COCO results and one instance PNG per image."""
+    import numpy as np
+    from PIL import Image
+
+    from unseg import store
+
+    entries = [e for e in json.loads((micro_repo / "data/prepared/index.json").read_text())["images"]]
+    val = [e for e in entries if e["split"] == "val"]
+    cmd = [sys.executable, "-m", "unseg", "segment", *[e["file"] for e in val]]
+    run([*cmd, "-o", str(tmp_path / "ids")], micro_repo)
+    predictions = store.RaggedStore(micro_repo / "artifacts/deeplab/predictions.zarr")
+    row_of = {int(i): r for r, i in enumerate(predictions.read("image_id"))}
+    for e in val:
+        labels = np.asarray(Image.open(tmp_path / "ids" / f"{Path(e['file']).stem}.png"))
+        np.testing.assert_array_equal(labels, store.read_semantic_map(predictions, row_of[e["id"]]))
+    classes = json.loads((micro_repo / "artifacts/metrics/cluster_classes.json").read_text())
+    names = {c["id"]: c["class"] or f"cluster {c['id']}" for c in classes["clusters"]}
+    run([*cmd, "-o", str(tmp_path / "named"), "--names", "matched", "--format", "json"], micro_repo)
+    by_ids, by_names = (json.loads((tmp_path / d / "segments.json").read_text())["images"] for d in ("ids", "named"))
+    for ids, named in zip(by_ids, by_names, strict=True):
+        assert named["classes"] == [names[c] for c in ids["classes"]]
+    run([*cmd, "-o", str(tmp_path / "inst"), "--instances"], micro_repo)
+    results = json.loads((tmp_path / "inst" / "instances.json").read_text())
+    assert results and {r["image_id"] for r in results} <= set(range(1, len(val) + 1))
+    assert len(list((tmp_path / "inst").glob("*.instances.png"))) == len(val)

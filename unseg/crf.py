@@ -7,12 +7,15 @@ Needs ``pydensecrf`` (installed from the ``pydensecrf2`` wheel); imported lazily
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from unseg.data.index import ImageEntry, read_image
 from unseg.errors import UserError
+from unseg.progress import progress
 
 
 @dataclass(frozen=True)
@@ -42,3 +45,20 @@ def dense_crf(image: np.ndarray, logits: torch.Tensor, cfg: CRFConfig = CRFConfi
     )
     q = np.array(crf.inference(cfg.iterations)).reshape(c, h, w)
     return q.argmax(0).astype(np.int64)
+
+
+def crf_label_maps(
+    model, entries: Sequence[ImageEntry], device, input_size: int | None, amp: bool = False
+) -> dict[int, np.ndarray]:
+    """DeepLab's logits of each entry's image refined by :func:`dense_crf` (released settings): {image id: labels}.
+    The Table-1 "+ CRF" row and every CRF self-training round label their images with it."""
+    from unseg.deeplab import predict_semantic
+
+    maps = {}
+    for e in progress(entries, desc="crf"):
+        image = read_image(e)
+        _, logits = predict_semantic(
+            model, torch.from_numpy(image).permute(2, 0, 1), device, return_logits=True, amp=amp, input_size=input_size
+        )
+        maps[e.id] = dense_crf(image, logits)
+    return maps

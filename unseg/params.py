@@ -287,6 +287,12 @@ class Hsg:  # pretrain_hsg: HSG (Ke et al. 2022); released values in configs/pap
 
 
 @dataclass(frozen=True)
+class SelfTraining:  # self_train@1..3: MaskDistill's CRF self-training rounds (Sec. 4.3; released train_plus_crf.sh)
+    rounds: int = p(1, lo=0, hi=3)  # rounds after train_deeplab (dvc.yaml has stages for 3; released: 1)
+    init: str = p("start", choices=("start", "previous"))  # each round: train_deeplab's init (released) | fine-tune
+
+
+@dataclass(frozen=True)
 class Evaluate:
     baselines: bool = p(True)
     raw_kmeans_pixels: int = p(200_000, lo=1000)
@@ -315,6 +321,7 @@ class Params:
     distill: Distill = field(default_factory=Distill)
     filter: Filter = field(default_factory=Filter)
     deeplab: Deeplab = field(default_factory=Deeplab)
+    self_training: SelfTraining = field(default_factory=SelfTraining)
     evaluate: Evaluate = field(default_factory=Evaluate)
     hsg: Hsg = field(default_factory=Hsg)
 

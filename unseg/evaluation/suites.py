@@ -14,9 +14,10 @@ import numpy as np
 
 from unseg import coco, store
 from unseg.data.index import DatasetIndex, ImageEntry
-from unseg.deeplab import architecture_of
 from unseg.evaluation import protocols as P
 from unseg.evaluation.table1 import ground_truth_subset, mask_ap_rows, score_split, table1_rows
+from unseg.matching import ConfusionAccumulator, hungarian_mapping
+from unseg.models.bundle import read_bundle
 from unseg.params import Params
 
 Log = Callable[[str], None]
@@ -40,7 +41,7 @@ def run_suite(
 ) -> dict[str, dict]:
     """``{"table1", "instances", "linear", "baselines"}`` of one run on the validation images ``val``, and
     ``"clusters"``: the number of pseudo-label categories."""
-    ev, d = params.evaluate, params.deeplab
+    ev = params.evaluate
     gts = {e.id: g for e, g in zip(val, val_gts, strict=True)}
     n_gt, ignore = len(index.classes), index.ignore_index
     pseudo = coco.read_json(art.pseudo_labels / "instances.json")
@@ -56,9 +57,9 @@ def run_suite(
         masks, attrs = store.RaggedStore(art.masks), store.RaggedStore(art.features).attrs
         fg = P.mined_mask_fg_iou(masks, attrs, index.by_id, gts, params.mining.upsample)
         rows["1 mined masks + K-means"]["mask_fg_iou"] = fg
-    model = P.load_deeplab(art.deeplab / "model.pt", device, **architecture_of(d))
+    model, prep = P.load_deeplab(art.deeplab / "model.pt", device)
     if ev.crf and P.crf_available():
-        rows["5 + CRF"] = score(P.crf_label_maps(model, val, device, d.crop_size), model.num_classes)
+        rows["5 + CRF"] = score(P.crf_label_maps(model, val, device, prep.input_size), model.num_classes)
     elif ev.crf:
         rows["5 + CRF"] = {"note": "skipped: pydensecrf is not installed (pip install pydensecrf2)"}
     instances = {}
@@ -70,10 +71,45 @@ def run_suite(
     linear = {}
     if train:
         linear = P.linear_protocols(
-            model, train, train_gts, val, val_gts, n_gt, ignore, probe, device, d.crop_size, log
+            model, train, train_gts, val, val_gts, n_gt, ignore, probe, device, prep.input_size, log
         )  # fmt: skip
     baselines = P.baseline_rows(val, score, n_gt, ev.seed, ev.raw_kmeans_pixels) if ev.baselines else {}
     backbone = json.loads(art.backbone_metrics.read_text()) if art.backbone_metrics.exists() else {}
     if ev.baselines and "random_init_front_half" in backbone:
         baselines["random-init ViT, mined + K-means"] = backbone["random_init_front_half"]
     return {"table1": rows, "instances": instances, "linear": linear, "baselines": baselines, "clusters": k}
+
+
+def cluster_classes(deeplab: Path, val: Sequence[ImageEntry], val_gts, classes: Sequence[str], ignore) -> dict:
+    """The ground-truth class each DeepLab cluster is matched to by the Hungarian algorithm on the validation
+    split, as Table 1's DeepLab row scores it, with where it came from (``unseg segment --names matched``)."""
+    bundle = read_bundle(deeplab / "model.pt", "deeplab")
+    predictions = store.RaggedStore(deeplab / "predictions.zarr")
+    row_of = {int(i): r for r, i in enumerate(predictions.read("image_id"))}
+    acc = ConfusionAccumulator(bundle["num_classes"], len(classes), ignore)
+    for e, gt in zip(val, val_gts, strict=True):
+        acc.update(store.read_semantic_map(predictions, row_of[e.id]), gt)
+    mapping = hungarian_mapping(acc.matrix)
+    return {
+        "method": "Hungarian match of DeepLab's predictions to the ground truth (Table 1, row 4)",
+        "split_images": len(val),
+        "model": {"params_digest": bundle["params_digest"], "commit": bundle["commit"]},
+        "clusters": [{"id": c, "class": classes[m] if m >= 0 else None} for c, m in enumerate(mapping.tolist())],
+    }
+
+
+def self_training_rows(rounds: Sequence[Path], val: Sequence[ImageEntry], val_gts, n_gt: int, ignore) -> dict:
+    """Table 1's "+ CRF self-training, round r" rows: each trained round's DeepLab predictions scored like row 4
+    (rounds that are off, ``round.json`` ``trained: false``, give no row)."""
+    gts = {e.id: g for e, g in zip(val, val_gts, strict=True)}
+    rows = {}
+    for path in rounds:
+        info = json.loads((path / "round.json").read_text())
+        if not info["trained"]:
+            continue
+        predictions = store.RaggedStore(path / "predictions.zarr")
+        row_of = {int(i): r for r, i in enumerate(predictions.read("image_id"))}
+        maps = {e.id: store.read_semantic_map(predictions, row_of[e.id]) for e in val}
+        n_pred = int(predictions.attrs["num_classes"])
+        rows[f"6 + CRF self-training, round {info['round']}"] = score_split(maps, val, gts, n_pred, n_gt, ignore)
+    return rows

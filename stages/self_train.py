@@ -35,7 +35,9 @@ def main(args, params) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     args.ckpt.mkdir(parents=True, exist_ok=True)  # a declared out, even when the round is off
     if args.round > rounds:
-        write_text(args.out / "round.json", json.dumps({"round": args.round, "trained": False}) + "\n")
+        off = json.dumps({"round": args.round, "trained": False}) + "\n"
+        write_text(args.out / "round.json", off)
+        write_text(args.ckpt / "round.json", off)  # no DIGEST: emptied when the round is turned on
         log("self_train", f"round {args.round} is off (self_training.rounds: {rounds})")
         return
     index = DatasetIndex.load(args.index)

@@ -116,6 +116,8 @@ def test_an_interrupted_run_resumes_to_the_same_files(bundle_path, photos, tmp_p
                 np.asarray(Image.open(tmp_path / "once" / name)), np.asarray(Image.open(tmp_path / "again" / name))
             ), name
     assert (tmp_path / "once" / "segments.json").read_text() == (tmp_path / "again" / "segments.json").read_text()
+    other = segment([photos], tmp_path / "again", model_path=bundle_path, device="cpu", formats=("label", "json"))
+    assert other.resumed == 0 and other.segmented == 5  # another run's outputs are redone, not taken as done
 
 
 def test_formats_crf_and_matched_names(bundle_path, photos, tmp_path):

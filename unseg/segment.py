@@ -162,8 +162,9 @@ class Writer:
     """The files of one run in ``out``: each image's outputs by rename, then its record appended to the partial
     index; :meth:`finish` writes ``segments.json`` (and ``instances.json``) and removes the partial index."""
 
-    def __init__(self, out: Path, formats: Sequence[str], instances: bool):
+    def __init__(self, out: Path, formats: Sequence[str], instances: bool, run: dict):
         self.out, self.formats, self.instances = out, tuple(formats), instances
+        self.run = run  # what made the outputs (model, options): a record of another run is redone, not kept
         self.records = self._resumed()
         self.partial = open(out / PARTIAL, "a")
 
@@ -180,8 +181,8 @@ class Writer:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError:
                         continue
-            if path.name == INDEX and self.instances:  # a finished run keeps its instances in instances.json
-                per_row = coco.group_by_image(coco.read_json(self.out / "instances.json"))
+            if path.name == INDEX and self.instances and (self.out / "instances.json").is_file():
+                per_row = coco.group_by_image(coco.read_json(self.out / "instances.json"))  # a finished run's
                 for i, row in enumerate(rows, start=1):
                     row["instances"] = [_bare(r) for r in per_row.get(i, [])]
             records.update({r["name"]: r for r in rows if all((self.out / f).is_file() for f in r["files"])})
@@ -189,7 +190,7 @@ class Writer:
 
     def done(self, source: Source) -> bool:
         rec = self.records.get(source.name)
-        return rec is not None and rec["image"] == str(source.path)
+        return rec is not None and rec["image"] == str(source.path) and rec.get("run") == self.run
 
     def write(self, source: Source, image: np.ndarray, labels: np.ndarray, record: dict) -> None:
         files = []
@@ -203,7 +204,7 @@ class Writer:
             name = f"{source.name}.instances.png"
             _save(palette_png(instance_map(record["instances"], *image.shape[:2])), self.out / name)
             files.append(name)
-        record = {"name": source.name, "image": str(source.path), **record, "files": files}
+        record = {"name": source.name, "image": str(source.path), **record, "files": files, "run": self.run}
         self.partial.write(json.dumps(record) + "\n")
         self.partial.flush()
         self.records[source.name] = record
@@ -287,7 +288,8 @@ def segment(
     dev = resolve_device(device)
     model = build_from_bundle(bundle).to(dev)
     prep = Preprocess(**bundle["preprocess"])
-    writer = Writer(out, formats, instances)
+    run = {"model": str(model_path), "instances": instances, "crf": crf, "formats": sorted(formats)}
+    writer = Writer(out, formats, instances, run)
     todo = [s for s in images if not writer.done(s)]
     skipped: list[str] = []
     bar = progress(total=len(todo), desc="segment", unit="image")

@@ -151,6 +151,9 @@ def describe_json(path: Path) -> str:
 def describe_checkpoint(path: Path) -> str:
     ckpt = read_checkpoint(path, "checkpoint")
     lines = [f"{path}: torch checkpoint, keys {sorted(ckpt)[:12]}"]
+    if "format" in ckpt:  # a model bundle (unseg.models.bundle)
+        fields = {k: ckpt.get(k) for k in ("kind", "backend", "num_classes", "params_digest", "commit")}
+        lines.append(f"model bundle {ckpt['format']}: {fields}; preprocess {ckpt.get('preprocess')}")
     if isinstance(ckpt.get("meta"), dict):
         lines.append(f"provenance: {json.dumps(ckpt['meta'], default=str)[:400]}")
     for key in ("teacher", "model", "state_dict"):

@@ -3,7 +3,9 @@
 Reads: the mined masks, the pseudo-labels, the Mask R-CNN predictions, the semantic pseudo-ground-truth
 and DeepLab's predictions. Writes ``<out>`` (``artifacts/metrics/health.json``): mask area and share
 touching the border, cluster sizes, predictions per image and their scores, label shares of the
-pseudo-ground-truth and of DeepLab. No label is read (unseg/evaluation/health.py says what each means).
+pseudo-ground-truth and of DeepLab, and a verdict: "failed" with one warning line per failed check
+(masks the whole image, all on the border, one dominant cluster, predictions at the cap, DeepLab on one
+class), else "ok". No label is read (unseg/evaluation/health.py says what each means and the thresholds).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main(args, params) -> None:
         "pseudo_ground_truth": H.label_fractions(semantic_maps(args.semantic), k + 1),
         "deeplab": H.label_fractions(semantic_maps(args.deeplab / "predictions.zarr"), k + 1),
     }
+    figures.update(H.verdict(figures, params.distill.detections_per_image))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text(args.out, json.dumps(figures, indent=2) + "\n")
     m, c = figures["mined_masks"], figures["clusters"]
@@ -43,6 +46,9 @@ def main(args, params) -> None:
         f"the border; clusters {c['sizes']}; {figures['maskrcnn']['confident_per_image']:.1f} confident "
         f"predictions per image -> {args.out}",
     )
+    for line in figures["failed"]:
+        log("health", f"warning: {line}")
+    log("health", f"verdict: {figures['verdict']}" + (" (this run did not find objects)" if figures["failed"] else ""))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Reads: params ``data``. Writes: ``<out>/index.json`` (and, for the generated dataset, its images,
 semantic maps and COCO instances json; other datasets are indexed in place, never copied) and
-``<out>/skipped.json``: the images of a real dataset that do not fully decode, or whose shorter side is
-below MIN_SIDE pixels, each skipped with one warning line (unseg/data/images.py states the reading rules).
+``<out>/skipped.json``: the images of a real dataset that do not fully decode, whose shorter side is
+below MIN_SIDE pixels or that are over the pixel and aspect budget, each skipped with one warning line
+(unseg/data/images.py states the reading rules), and the files of a folder that are not images, named.
 """
 
 from __future__ import annotations
@@ -56,11 +57,16 @@ def main(args, params) -> None:
     else:
         idx = data_index.index_camvid(d.root, splits, d.limit)
     skipped: dict[str, str] = {}
+    ignored = data_index.not_images(d.root) if d.dataset == "folder" else []
+    if ignored:
+        shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
+        log("prepare", f"warning: {len(ignored)} files under data.root are not images and are ignored: {shown}")
     if d.dataset != "generated":
         idx, skipped = data_index.drop_unreadable(idx, MIN_SIDE)
         for file, reason in skipped.items():
             log("prepare", f"warning: skipping {file}: {reason}")
-    write_text(out / "skipped.json", json.dumps({"count": len(skipped), "images": skipped}, indent=2) + "\n")
+    listing = {"count": len(skipped), "images": skipped, "not_images": ignored}
+    write_text(out / "skipped.json", json.dumps(listing, indent=2) + "\n")
     idx.save(out / "index.json")
     counts = {s: len(idx.split(s)) for s in sorted({e.split for e in idx.images})}
     gt = "yes" if idx.has_ground_truth else "no"

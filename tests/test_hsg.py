@@ -291,7 +291,7 @@ def test_pretrain_hsg_stage_trains_resumes_and_its_resnet_loads_into_deeplab(tmp
     from unseg.deeplab import build_deeplab
     from unseg.errors import UserError
     from unseg.models.resnet import create_resnet, load_resnet_weights, resolve_backbone_weights
-    from unseg.params import parse_params
+    from unseg.params import overlay, parse_params, schema_defaults
 
     root = Path(__file__).resolve().parents[1]
     raw = {
@@ -303,7 +303,7 @@ def test_pretrain_hsg_stage_trains_resumes_and_its_resnet_loads_into_deeplab(tmp
     }  # fmt: skip
     params = parse_params(raw)
     generate(params.data, tmp_path / "prepared").save(tmp_path / "prepared/index.json")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(overlay(schema_defaults(), raw)))
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "stages.pretrain_hsg", "prepared/index.json", "hsg.pth", "--ckpt", "scratch",
            "--log", "loss.csv"]  # fmt: skip
@@ -316,7 +316,7 @@ def test_pretrain_hsg_stage_trains_resumes_and_its_resnet_loads_into_deeplab(tmp
     refused = subprocess.run(evaluate, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert refused.returncode != 0 and "set hsg.train: always" in refused.stderr and "Traceback" not in refused.stderr
     raw["deeplab"] = {"backbone_weights": "hsg"}  # a consumer: pretrain_hsg trains
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(overlay(schema_defaults(), raw)))
     first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
     rows = (tmp_path / "loss.csv").read_text().splitlines()
@@ -327,7 +327,7 @@ def test_pretrain_hsg_stage_trains_resumes_and_its_resnet_loads_into_deeplab(tmp
     ckpt = torch.load(tmp_path / "hsg.pth", weights_only=True)
     assert ckpt["meta"]["steps"] == 4 and {"embedding_head", "transformers"} <= set(ckpt)
     raw["hsg"]["reuse"] = "hsg.pth"  # what a committed checkpoint does: used as is, nothing trained
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(overlay(schema_defaults(), raw)))
     reuse = [*cmd[:4], "reused.pth", "--ckpt", "fresh_scratch", "--log", "reused.csv"]
     reused = subprocess.run(reuse, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert reused.returncode == 0 and "used as is" in reused.stderr, reused.stderr[-3000:]
@@ -365,7 +365,7 @@ def test_pretrain_hsg_under_torchrun_runs_both_stages(tmp_path):
     import yaml
 
     from stages.prepare import generate
-    from unseg.params import parse_params
+    from unseg.params import overlay, parse_params, schema_defaults
 
     root = Path(__file__).resolve().parents[1]
     raw = {
@@ -374,7 +374,7 @@ def test_pretrain_hsg_under_torchrun_runs_both_stages(tmp_path):
                 "coarse_groups": 2, "kmeans_grid": [2, 2], "kmeans_iters": 2, "warmup_steps": 1, "train": "always"},
     }  # fmt: skip
     generate(parse_params(raw).data, tmp_path / "prepared").save(tmp_path / "prepared/index.json")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(overlay(schema_defaults(), raw)))
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1",
            "UNSEG_TORCHRUN": "--standalone --nproc_per_node 2"}  # fmt: skip
     cmd = [sys.executable, "-m", "stages.pretrain_hsg", "prepared/index.json", "hsg.pth", "--ckpt", "scratch",

@@ -124,9 +124,10 @@ def test_relative_paths_reach_the_project_from_a_dvc_experiment_copy(tmp_path, m
     copy = project / ".dvc" / "tmp" / "exps" / "standalone" / "tmpab12"
     (copy / "checkpoints").mkdir(parents=True)
     (copy / "checkpoints" / "vit.pth").write_bytes(b"")  # tracked files are in the copy: kept relative
-    raw = {"data": {"dataset": "folder", "root": "../photos"}, "croc": {"reuse": "checkpoints/vit.pth"}}
-    raw["hsg"] = {"reuse": "missing.pth"}
-    raw["distill"] = {"backbone_weights": "hsg"}
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"].update(dataset="folder", root="../photos")
+    raw["croc"]["reuse"], raw["hsg"]["reuse"] = "checkpoints/vit.pth", "missing.pth"
+    raw["distill"]["backbone_weights"] = "hsg"
     for where in (project, copy):
         (where / "params.yaml").write_text(yaml.safe_dump(raw))
     assert experiment_workspace(copy) == project and experiment_workspace(project) is None

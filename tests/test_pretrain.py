@@ -90,8 +90,10 @@ def test_two_process_gloo_ddp_agrees_with_one_process(tmp_path, alpha_s):
 
 
 @pytest.mark.slow
-def test_killed_stage_resumes_on_rerun_to_the_uninterrupted_result(tmp_path):
-    """SIGKILL the pretrain_croc stage mid-training; the rerun resumes and ends with identical weights."""
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT", "SIGTERM"])
+def test_killed_stage_resumes_on_rerun_to_the_uninterrupted_result(tmp_path, sig):
+    """SIGKILL the pretrain_croc stage after a periodic checkpoint, or SIGINT / SIGTERM it before its first
+    one (``ckpt_every`` beyond the steps): the rerun resumes and ends with identical weights."""
     import signal
     import time
 
@@ -112,7 +114,7 @@ def test_killed_stage_resumes_on_rerun_to_the_uninterrupted_result(tmp_path):
         out_dim_c=32,
         head_hidden=32,
         head_bottleneck=16,
-        ckpt_every=2,
+        ckpt_every=2 if sig == "SIGKILL" else 1000,
         drop_path=0.0,
     )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -134,13 +136,25 @@ def test_killed_stage_resumes_on_rerun_to_the_uninterrupted_result(tmp_path):
         ]
 
     subprocess.run(stage("straight"), cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
-    proc = subprocess.Popen(stage("killed"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(stage("killed"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
-    while not list((tmp_path / "ckpt_killed").glob("step_00000004.pt")) and time.time() < deadline:
+
+    def steps_logged() -> int:
+        log = tmp_path / "ckpt_killed" / "loss.csv"  # the per-step log (copied to --log at the end)
+        return len(log.read_text().splitlines()) - 1 if log.exists() else 0
+
+    while time.time() < deadline and not (
+        list((tmp_path / "ckpt_killed").glob("step_00000004.pt")) if sig == "SIGKILL" else steps_logged() >= 3
+    ):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(getattr(signal, sig))
+    stderr = proc.communicate()[1].decode()
     assert not (tmp_path / "killed.pth").exists(), "the stage finished before it could be killed"
+    if sig != "SIGKILL":  # the step under way is finished and checkpointed, then the stage exits cleanly
+        assert proc.returncode == 130 and "checkpoint written); rerun to resume" in stderr, stderr[-2000:]
+        assert len(stderr.splitlines()) <= 4  # start, the first progress line, maybe one more, the interrupt
+        assert "Traceback" not in stderr
+        assert len(list((tmp_path / "ckpt_killed").glob("step_*.pt"))) == 1
     rerun = subprocess.run(stage("killed"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     first_logged = int((tmp_path / "killed.csv").read_text().splitlines()[1].split(",")[0])

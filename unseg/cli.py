@@ -1,14 +1,16 @@
 """What every stage script shares: argument parsing, params loading and clean failure.
 
 A user mistake (``UserError``, including bad params) prints one line ``<stage>: error: ...`` and
-exits with status 2; Ctrl-C exits with 130 and leaves only ``.partial`` scratch behind, which the
-next run resumes or discards. Anything else is a bug and keeps its traceback.
+exits with status 2; Ctrl-C or SIGTERM exits with 130 and leaves only ``.partial`` scratch behind, which
+the next run resumes or discards (a training stage first finishes its step and writes a checkpoint).
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -27,7 +29,12 @@ def log(stage: str, message: str) -> None:
         print(f"[{stage}] {message}", file=sys.stderr, flush=True)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (Slurm, `kill`, a CI timeout) takes the same clean path as Ctrl-C
+
+
 def run_stage(name: str, main: Callable[[argparse.Namespace, Params], None], parser: argparse.ArgumentParser) -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
     parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
     parser.add_argument("--quiet", action="store_true", help=f"no progress bars, warnings only (or {QUIET_ENV}=1)")
     args = parser.parse_args()
@@ -41,8 +48,8 @@ def run_stage(name: str, main: Callable[[argparse.Namespace, Params], None], par
     except UserError as err:
         print(f"{name}: error: {err}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted; rerun to resume", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"{name}: interrupted{f' ({err})' if str(err) else ''}; rerun to resume", file=sys.stderr)
         sys.exit(130)
     log(name, f"done in {time.time() - start:.1f} s")
 

@@ -177,6 +177,17 @@ def describe(path: Path) -> str:
 
 # ---------------------------------------------------------------- command line
 
+
+def check_view_arguments(args: argparse.Namespace) -> None:
+    """``show IMAGE_ID`` and ``grid --n N`` as the usage says, else one line naming what is wrong."""
+    if args.target[0] == "show" and (len(args.target) != 2 or not args.target[1].isdigit()):
+        given = f"{' '.join(args.target[1:])!r} is not an image id" if len(args.target) > 1 else "no image id given"
+        raise UserError(f"show needs one image id, a number (`unseg inspect grid` prints them): {given}")
+    if args.target[0] == "grid" and (len(args.target) != 1 or args.n < 1):
+        extra = f"unexpected {' '.join(args.target[1:])!r}" if len(args.target) > 1 else f"--n {args.n}"
+        raise UserError(f"grid takes --n N (at least 1 image) and no other word: {extra}")
+
+
 TOOLS = {
     "segment": (segment_tool, "apply the trained model to images: label PNGs, overlays, an index"),
     "export": (export_tool, "the trained DeepLab as a torch.export or ONNX file"),
@@ -210,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.target:
             print(format_rows(artifact_rows(args.root, stale_stages(args.root))))
         elif args.target[0] in ("show", "grid"):
+            check_view_arguments(args)
             drawn = {"extract_features", "mine_masks", "pseudo_label", "distill_maskrcnn", "filter_confident",
                      "train_deeplab"}  # fmt: skip
             stale = sorted((stale_stages(args.root) or set()) & drawn)
@@ -219,9 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             index = DatasetIndex.load(args.root / "data/prepared/index.json")
             split = load_params(args.root / "params.yaml").data.val_split
             if args.target[0] == "show":
-                if len(args.target) != 2 or not args.target[1].isdigit():
-                    raise UserError("usage: unseg inspect show IMAGE_ID [-o out.png]")
                 image_id = int(args.target[1])
+                if image_id not in index.by_id:
+                    ids = sorted(index.by_id)
+                    raise UserError(f"show {image_id}: no such image id (ids run {ids[0]}..{ids[-1]})")
                 out = args.out or Path(f"inspect_{image_id}.png")
                 mapping = F.cluster_mapping(args.root, index, split)
                 extra = [F.legend(index.classes)] if mapping is not None else []

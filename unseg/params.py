@@ -11,6 +11,7 @@ copy of the project as in the project itself (:func:`resolve_local_paths`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -44,6 +45,7 @@ def p(
 
 
 DEVICES = ("auto", "cpu", "cuda")
+MAX_INT = 2**31 - 1  # any int without a tighter bound (a seed numpy and torch both accept)
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,13 @@ class Data:
     limit: int | None = p(None, lo=1)  # at most this many images per split (quick runs)
     folder_val_fraction: float = p(0.0, lo=0, hi=1, hi_open=True)  # folder: share of images put in val_split
     # the generated dataset
-    n_train: int = p(480, lo=1)
-    n_val: int = p(120, lo=1)
+    n_train: int = p(480, lo=1, hi=1_000_000)
+    n_val: int = p(120, lo=1, hi=1_000_000)
     n_categories: int = p(4, lo=2, hi=5)
     max_instances: int = p(3, lo=1, hi=6)
     palette: str = p("category", choices=("random", "category"))  # object colours: random | a hue band per category
-    min_side: int = p(96, lo=32)
-    max_side: int = p(128, lo=32)
+    min_side: int = p(96, lo=32, hi=8192)
+    max_side: int = p(128, lo=32, hi=8192)
     video_sequences: int = p(2, lo=0)  # generated DAVIS-layout videos for the propagation protocol
     video_frames: int = p(12, lo=3)
     seed: int = p(0, lo=0)
@@ -80,10 +82,12 @@ class Backbone:
 @dataclass(frozen=True)
 class Croc:
     reuse: str | None = p(None)  # a checkpoint this stage wrote with exactly these params and data: no training
-    steps: int = p(500, lo=0)
-    schedule_steps: int | None = p(1200, lo=1)  # lr/wd/momentum schedule length (null: steps); > steps stops early
-    batch_size: int = p(32, lo=1)
-    crop_size: int = p(64, lo=16)
+    steps: int = p(500, lo=0, hi=10_000_000)
+    schedule_steps: int | None = p(
+        1200, lo=1, hi=10_000_000
+    )  # lr/wd/momentum schedule length (null: steps); > steps stops early
+    batch_size: int = p(32, lo=1, hi=65_536)
+    crop_size: int = p(64, lo=16, hi=8192)
     crop_scale_min: float = p(0.25, lo=0, hi=1, lo_open=True)
     crop_scale_max: float = p(1.0, lo=0, hi=1, lo_open=True)
     blur_sigma_max: float = p(0.5, lo=0.1)
@@ -126,9 +130,9 @@ class Croc:
 
 @dataclass(frozen=True)
 class Features:
-    short_side: int = p(96, lo=16)  # shortest image side after resizing (paper: 640)
+    short_side: int = p(96, lo=16, hi=8192)  # shortest image side after resizing (paper: 640)
     fit: str = p("pad", choices=("pad", "crop"))  # to a multiple of the patch: zero-pad bottom/right, or crop
-    batch_size: int = p(32, lo=1)
+    batch_size: int = p(32, lo=1, hi=65_536)
     workers: int = p(0, lo=0)
     device: str = p("auto", choices=DEVICES)
 
@@ -142,7 +146,7 @@ class Mining:
     proposals: str = p("auto", choices=("top", "bottom", "auto"))  # by a_CLS (paper) | -a_CLS | per image (ext.)
     masks_per_image: int = p(1, lo=1, hi=255)  # 1: the paper; more: the rule again on the tokens left (extension)
     upsample: str = p("nearest", choices=("nearest", "pil_bicubic"))  # token mask -> image resolution
-    batch_size: int = p(256, lo=1)  # images (of one token grid) mined together
+    batch_size: int = p(256, lo=1, hi=65_536)  # images (of one token grid) mined together
 
 
 @dataclass(frozen=True)
@@ -153,13 +157,13 @@ class Cluster:
     background_clusters: int = p(1, lo=0)  # extension: this many more clusters, the most border-bound dropped
     whiten: bool = p(True)
     algorithm: str = p("minibatch", choices=("minibatch", "faiss", "lloyd"))
-    kmeans_batch_size: int = p(1000, lo=1)
+    kmeans_batch_size: int = p(1000, lo=1, hi=10_000_000)
     seed: int = p(0, lo=0)
     weights: str | None = p(None)  # a different ViT for the CLS features (paper: ViT-S/8); null = same
     arch: str | None = p(None)
     patch_size: int | None = p(None, lo=2)
     depth: int | None = p(None, lo=1)
-    batch_size: int = p(32, lo=1)
+    batch_size: int = p(32, lo=1, hi=65_536)
     device: str = p("auto", choices=DEVICES)
     align_to_gt: bool = p(False)  # reproduction only: relabel clusters to GT classes like the released code
 
@@ -171,19 +175,19 @@ class Distill:
     fpn: bool = p(True)  # FPN; false = C4 (the paper's R50-C4)
     backbone_weights: str | None = p(None)  # hsg: pretrain_hsg's ResNet | local torchvision / MoCo | null: scratch
     trainable_layers: int = p(5, lo=0, hi=5)  # 5: all trainable; 3 = stem and layer1 frozen ("first two stages")
-    steps: int = p(300, lo=1)
-    batch_size: int = p(4, lo=1)
+    steps: int = p(300, lo=1, hi=10_000_000)
+    batch_size: int = p(4, lo=1, hi=65_536)
     lr: float = p(0.01, lo=0, lo_open=True)
     lr_steps: list[int] = p([240, 280])
     warmup_steps: int = p(50, lo=0)
     momentum: float = p(0.9, lo=0, hi=1)
     weight_decay: float = p(1e-4, lo=0)
     clip_grad: float = p(5.0, lo=0)  # 0 = off
-    train_min_size: int = p(96, lo=16)  # shortest side drawn from [train_min_size, train_max_size]
-    train_max_size: int = p(160, lo=16)
+    train_min_size: int = p(96, lo=16, hi=8192)  # shortest side drawn from [train_min_size, train_max_size]
+    train_max_size: int = p(160, lo=16, hi=8192)
     size_sampling: str = p("range", choices=("range", "choice"))
-    test_size: int = p(128, lo=16)  # shortest side at inference
-    max_size: int = p(256, lo=16)  # cap on the longest side
+    test_size: int = p(128, lo=16, hi=8192)  # shortest side at inference
+    max_size: int = p(256, lo=16, hi=8192)  # cap on the longest side
     flip_p: float = p(0.5, lo=0, hi=1)
     anchor_sizes: list[int] = p([16, 32, 64, 128, 256])
     representation_size: int = p(256, lo=8)
@@ -219,14 +223,14 @@ class Deeplab:
     decoder_channels: int | None = p(64, lo=1)  # extension: DeepLab-v3+ decoder on layer1 (null: v3, the paper)
     freeze_blocks: int = p(0, lo=0, hi=4)  # stem+layer1 (1), +layer2 (2), ...
     backbone_weights: str | None = p(None)  # as distill.backbone_weights
-    epochs: int = p(7, lo=1)
-    batch_size: int = p(8, lo=1)
+    epochs: int = p(7, lo=1, hi=10_000)
+    batch_size: int = p(8, lo=1, hi=65_536)
     lr: float = p(0.02, lo=0, lo_open=True)
     lr_step_epochs: list[int] = p([6])
     gamma: float = p(0.1, lo=0, hi=1)
     momentum: float = p(0.9, lo=0, hi=1)
     weight_decay: float = p(1e-4, lo=0)
-    crop_size: int = p(128, lo=16)
+    crop_size: int = p(128, lo=16, hi=8192)
     scale_min: float = p(0.75, lo=0, lo_open=True)
     scale_max: float = p(1.25, lo=0, lo_open=True)
     max_rotation: float = p(5.0, lo=0)
@@ -234,7 +238,9 @@ class Deeplab:
     label_fill: int = p(255, choices=(0, 255))  # label of pixels outside the warped image (released: 0)
     ohem_fraction: float = p(1.0, lo=0, hi=1, lo_open=True)  # hard pixels: top fraction (paper 0.2; 1.0: plain CE)
     ohem_count: str = p("all", choices=("all", "valid"))
-    ohem_warmup_epochs: int = p(0, lo=0)  # plain cross-entropy for these first epochs, then hard pixel mining
+    ohem_warmup_epochs: int = p(
+        0, lo=0, hi=10_000
+    )  # plain cross-entropy for these first epochs, then hard pixel mining
     select_best_on_val: bool = p(False)  # reproduction only: keep the epoch with the best val mIoU (uses labels)
     ckpt_every: int = p(100, lo=1)
     workers: int = p(0, lo=0)
@@ -253,10 +259,10 @@ class Hsg:  # pretrain_hsg: HSG (Ke et al. 2022); released values in configs/pap
     test_output_stride: int = p(8, choices=(8, 16, 32))  # evaluate_hsg, same weights (released: 8 at test)
     fine_groups: int = p(8, lo=2)
     coarse_groups: int = p(4, lo=1)
-    steps: int = p(1500, lo=0)
-    stage1_steps: int = p(500, lo=0)  # SegSort-only steps before the full objective
-    batch_size: int = p(8, lo=1)  # images, two views each
-    crop_size: int = p(128, lo=32)
+    steps: int = p(1500, lo=0, hi=10_000_000)
+    stage1_steps: int = p(500, lo=0, hi=10_000_000)  # SegSort-only steps before the full objective
+    batch_size: int = p(8, lo=1, hi=65_536)  # images, two views each
+    crop_size: int = p(128, lo=32, hi=8192)
     crop_scale_min: float = p(0.5, lo=0, hi=1, lo_open=True)
     crop_scale_max: float = p(1.0, lo=0, hi=1, lo_open=True)
     lr: float = p(0.01, lo=0, lo_open=True)
@@ -295,11 +301,13 @@ class SelfTraining:  # self_train@1..3: MaskDistill's CRF self-training rounds (
 @dataclass(frozen=True)
 class Evaluate:
     baselines: bool = p(True)
-    raw_kmeans_pixels: int = p(200_000, lo=1000)
+    raw_kmeans_pixels: int = p(200_000, lo=1000, hi=100_000_000)
     maskrcnn_score: float = p(0.0, lo=0, hi=1)  # Table 1 "Mask R-CNN" row: predictions >= this (0: all written)
-    probe_epochs: int = p(20, lo=1)  # linear probe (paper App. A.2: 45 epochs, lr 0.1, x0.1 after 25)
+    probe_epochs: int = p(20, lo=1, hi=10_000)  # linear probe (paper App. A.2: 45 epochs, lr 0.1, x0.1 after 25)
     probe_lr: float = p(0.1, lo=0, lo_open=True)
-    probe_memory_mb: int = p(4096, lo=1)  # training features held for the linear probes (a seeded subset beyond)
+    probe_memory_mb: int = p(
+        4096, lo=1, hi=1_000_000
+    )  # training features held for the linear probes (a seeded subset beyond)
     crf: bool = p(True)  # DeepLab + dense CRF row (released settings)
     video_root: str | None = p(None)  # a DAVIS 2017 folder; null: the generated videos (if any)
     video_topk: int = p(5, lo=1)
@@ -388,6 +396,12 @@ def _check_value(key: str, value: Any, tp, meta: dict) -> Any:
     shown = value
     if base is float:
         value = float(value)
+        if not math.isfinite(value):
+            raise ParamsError(f"params.yaml: {key} = {shown!r}: must be a finite number")
+    if origin is list and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+        raise ParamsError(f"params.yaml: {key} = {value!r}: must hold finite numbers")
+    if base is int and meta.get("hi") is None and not meta.get("choices") and value > MAX_INT:
+        raise ParamsError(f"params.yaml: {key} = {value!r}: must be <= {MAX_INT}")
     choices, lo, hi = meta.get("choices"), meta.get("lo"), meta.get("hi")
     if choices and value not in choices:
         raise ParamsError(f"params.yaml: {key} = {value!r}: must be {_describe_range(meta)}")
@@ -460,6 +474,21 @@ def _check_cross(params: Params) -> None:
         raise ParamsError(f"params.yaml: croc.schedule_steps = {c.schedule_steps}: must be >= croc.steps ({c.steps})")
 
 
+def overlay(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` merged in, section by section and key by key (neither argument is modified)."""
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = (
+            overlay(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        )
+    return merged
+
+
+def schema_defaults() -> dict:
+    """Every section and key of the schema with its default, as a raw params mapping (the tiny profile's values)."""
+    return dataclasses.asdict(Params())
+
+
 def config_from(cls: type, section: Any, **overrides: Any):
     """The library dataclass ``cls`` built from the params section fields of the same names (never by position)."""
     names = [f.name for f in dataclasses.fields(cls)]
@@ -512,12 +541,54 @@ def resolve_local_paths(params: Params, cwd: Path) -> Params:
     return dataclasses.replace(params, **sections)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (as in DVC)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})"
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML file at ``path``, read as DVC reads params: a duplicate key is a one-line error, not a silent last."""
+    try:
+        return yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err)
+        where = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        line = f" (line {where.line + 1})" if where is not None and "line" not in problem else ""
+        raise ParamsError(f"{path}: not valid YAML: {problem}{line}".replace("\n", " ")) from err
+
+
+def check_complete(raw: Any) -> None:
+    """Every section and key of the schema present in ``raw``: a deleted one is an error, never a code default."""
+    if not isinstance(raw, dict):
+        return  # parse_params names the problem
+    for name, cls in SECTIONS.items():
+        if name not in raw:
+            raise ParamsError(f"params.yaml: section {name} is missing (every section of the profile must be present)")
+        section = raw[name]
+        if isinstance(section, dict):
+            missing = [f.name for f in dataclasses.fields(cls) if f.name not in section]
+            if missing:
+                raise ParamsError(
+                    f"params.yaml: {name}.{missing[0]} is missing (every key must be set; null where allowed)"
+                )
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
+    """The validated params file: strict YAML, every section and key present, every value in its range."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: no such params file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from err
-    return resolve_local_paths(parse_params(raw), Path.cwd())
+    raw = read_yaml(path)
+    params = parse_params(raw)
+    check_complete(raw)
+    return resolve_local_paths(params, Path.cwd())

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from unseg.errors import UserError
 
@@ -71,7 +71,11 @@ def _create(group: zarr.Group, name: str, rows: int, spec: Spec) -> zarr.Array:
         chunks=(chunk, *spec.tail),
         shards=(shard, *spec.tail),
         dtype=spec.dtype,
-        compressors=BloscCodec(cname=cname, clevel=3 if cname == "zstd" else 5, shuffle=BloscShuffle.bitshuffle),
+        # crc32c after compression: a changed byte in any chunk stops the reader (CorruptStore), never a wrong value
+        compressors=[
+            BloscCodec(cname=cname, clevel=3 if cname == "zstd" else 5, shuffle=BloscShuffle.bitshuffle),
+            Crc32cCodec(),
+        ],
         fill_value=0,
         dimension_names=("element" if spec.ragged else "image", *[f"d{i}" for i in range(len(spec.tail))]),
     )
@@ -282,37 +286,74 @@ def write_ragged(
     return w.finalize()
 
 
+class CorruptStore(UserError):
+    """A store whose bytes changed after it was written (a chunk or shard-index checksum, or its metadata)."""
+
+
+def _corrupt(path: Path, what: str, err: Exception) -> CorruptStore:
+    return CorruptStore(
+        f"{path}: {what} is corrupted ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+        f"restore it with `dvc checkout {path}` or rerun the stage that writes it"
+    )
+
+
+class CheckedArray:
+    """A read-only zarr array whose reads turn a checksum or decoding failure into one :class:`CorruptStore` line."""
+
+    def __init__(self, array: zarr.Array, path: Path, name: str):
+        self._array, self._path, self._name = array, path, name
+
+    def __getitem__(self, key) -> np.ndarray:
+        try:
+            return self._array[key]
+        except (ValueError, RuntimeError, OSError) as err:  # crc32c mismatch, blosc or shard-index failure
+            raise _corrupt(self._path, f"array {self._name}", err) from err
+
+    def __len__(self) -> int:
+        return len(self._array)
+
+    def __getattr__(self, attr: str):
+        return getattr(self._array, attr)
+
+
 class RaggedStore:
-    """Read access: ``store[name]`` is the zarr array, ``rows(name, i)`` image i's ragged rows."""
+    """Read access: ``store[name]`` is the (checked) zarr array, ``rows(name, i)`` image i's ragged rows."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.exists():
             raise UserError(f"{self.path}: store not found (run the stage that writes it first)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.group = zarr.open_group(self.path, mode="r", use_consolidated=True)
-        self.offsets = self.group["offsets"][:]
-        self.attrs = dict(self.group.attrs)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.group = zarr.open_group(self.path, mode="r", use_consolidated=True)
+            self.attrs = dict(self.group.attrs)
+        except (ValueError, KeyError, TypeError, OSError) as err:  # unreadable zarr.json metadata
+            raise _corrupt(self.path, "the metadata", err) from err
+        self.offsets = self["offsets"][:]
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def __getitem__(self, name: str) -> zarr.Array:
-        return self.group[name]
+    def __getitem__(self, name: str) -> CheckedArray:
+        try:
+            array = self.group[name]
+        except KeyError as err:
+            raise _corrupt(self.path, f"array {name} (missing)", err) from err
+        return CheckedArray(array, self.path, name)
 
     def __contains__(self, name: str) -> bool:
         return name in self.group
 
     def read(self, name: str) -> np.ndarray:
-        return self.group[name][:]
+        return self[name][:]
 
     def rows(self, name: str, i: int) -> np.ndarray:
-        return self.group[name][int(self.offsets[i]) : int(self.offsets[i + 1])]
+        return self[name][int(self.offsets[i]) : int(self.offsets[i + 1])]
 
     def span(self, name: str, start: int, stop: int) -> np.ndarray:
         """Ragged rows of images ``start..stop-1`` concatenated (one read)."""
-        return self.group[name][int(self.offsets[start]) : int(self.offsets[stop])]
+        return self[name][int(self.offsets[start]) : int(self.offsets[stop])]
 
 
 # ---------------------------------------------------------------- named stores

@@ -14,7 +14,7 @@ import yaml
 from stages.prepare import generate
 from unseg import store
 from unseg.models.vit import create_vit
-from unseg.params import parse_params
+from unseg.params import overlay, parse_params, schema_defaults
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS = {
@@ -61,7 +61,7 @@ def extracted(tmp_path_factory):
     torch.manual_seed(0)
     torch.save(create_vit(p.backbone.arch, p.backbone.patch_size, p.backbone.depth, stem=p.backbone.stem).state_dict(),
                tmp_path / "vit.pth")  # fmt: skip
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(overlay(schema_defaults(), PARAMS)))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     stage = ["-m", "stages.extract_features", "prepared/index.json", "vit.pth"]
     one = subprocess.run([sys.executable, *stage, "one.zarr", "--quiet"], cwd=tmp_path, env=env, capture_output=True)

@@ -5,7 +5,10 @@ Rules, applied in this order (every stage reads through :func:`read_image`, so t
 - 16-bit and 32-bit integer images are scaled to 8 bits (value * 255 / max of the type), not clipped;
 - an alpha channel (RGBA, LA, palette with transparency) is composited on a white background;
 - grayscale, palette, CMYK and every other mode are converted to RGB;
-- an image with more than :data:`MAX_PIXELS` pixels is refused (PIL's decompression-bomb guard).
+- an image with more than :data:`MAX_PIXELS` pixels is refused (PIL's decompression-bomb guard);
+- a GIF is read as its first frame.
+``prepare`` also skips, from its header alone, an image over the budget of :data:`BUDGET_PIXELS` pixels or
+with sides further apart than :data:`BUDGET_ASPECT` to 1: one such file would multiply a run's time and memory.
 A file that cannot be fully decoded (truncated, not an image) raises :class:`ImageError`; ``prepare`` finds
 such files with :func:`check_images`, skips them with one warning line and lists them in ``skipped.json``.
 """
@@ -21,6 +24,8 @@ from PIL import Image, ImageOps
 from unseg.errors import UserError
 
 MAX_PIXELS = 178_956_970  # PIL's DecompressionBombError limit (2 x Image.MAX_IMAGE_PIXELS)
+BUDGET_PIXELS = 50_000_000  # prepare skips larger images (a 48-megapixel phone photo passes); downscale them first
+BUDGET_ASPECT = 16.0  # prepare skips an image whose long side is more than 16x its short side
 BACKGROUND = (255, 255, 255)  # what transparent pixels are composited on
 _DEPTH = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535}
 
@@ -79,11 +84,19 @@ def image_size(path: str | Path) -> tuple[int, int]:
 def check_images(paths: Iterable[str | Path], min_side: int = 1) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
     """Fully decode every file: ({path: (height, width)} of the good ones, {path: reason} of the bad ones).
 
-    An image whose shorter side is below ``min_side`` pixels is bad too (smaller than one ViT patch).
+    An image whose shorter side is below ``min_side`` pixels is bad too (smaller than one ViT patch), and
+    so is one over the pixel or aspect budget (module docstring), found from its header before decoding.
     """
     good, bad = {}, {}
     for path in paths:
         try:
+            h, w = image_size(path)
+            if h * w > BUDGET_PIXELS or max(h, w) > BUDGET_ASPECT * max(min(h, w), 1):
+                bad[str(path)] = (
+                    f"{w}x{h} pixels, over the budget of {BUDGET_PIXELS / 1e6:.0f} megapixels and "
+                    f"{BUDGET_ASPECT:.0f}:1 sides (downscale or crop it to use it)"
+                )
+                continue
             h, w = read_image(path).shape[:2]
         except ImageError as err:
             bad[str(path)] = str(err).removeprefix(f"{path}: ")

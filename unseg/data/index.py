@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -23,7 +24,7 @@ from unseg import coco
 from unseg.data import generated, images
 from unseg.errors import UserError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 IGNORE = 255
 
 
@@ -202,6 +203,8 @@ def _limit(items: list, limit: int | None) -> list:
 
 
 def _require_dir(path: Path, what: str) -> Path:
+    if path.is_file():
+        raise UserError(f"data.root: {what} {path} is a file, not a folder")
     if not path.is_dir():
         raise UserError(f"data.root: {what} folder {path} does not exist")
     return path
@@ -237,6 +240,16 @@ def index_folder(
     return DatasetIndex(name="folder", images=entries)
 
 
+def not_images(root: str | Path) -> list[str]:
+    """The non-hidden files under ``root`` that a folder dataset ignores (no image suffix), relative to it."""
+    root = Path(root)
+    return sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES and not any(x.startswith(".") for x in p.parts)
+    )
+
+
 def index_coco(root: str | Path, splits: list[str], out_dir: str | Path, limit: int | None = None) -> DatasetIndex:
     """COCO layout: ``images/<split>/`` (or ``<split>/``) and ``annotations/instances_<split>.json``.
 
@@ -255,6 +268,11 @@ def index_coco(root: str | Path, splits: list[str], out_dir: str | Path, limit: 
         cats = cats or sorted(gt["categories"], key=lambda c: c["id"])
         images = _limit(sorted(gt["images"], key=lambda im: im["id"]), limit)
         keep = {im["id"] for im in images}
+        for im in images:
+            if not Path(os.path.normpath(img_dir / im["file_name"])).is_relative_to(os.path.normpath(root)):
+                raise UserError(
+                    f"{ann_file}: image {im['id']} file_name {im['file_name']!r} lies outside data.root {root}"
+                )
         entries += [
             ImageEntry(im["id"], str((img_dir / im["file_name"]).resolve()), im["height"], im["width"], split)
             for im in images

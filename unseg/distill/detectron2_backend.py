@@ -259,7 +259,7 @@ class LossLog(HookBase):
         if "total_loss" in values:
             values = {"loss": values.pop("total_loss"), **values}
             self.log.write(self.trainer.iter, values)
-            self.bar.set_postfix({k: f"{v:.3g}" for k, v in list(values.items())[:3]})
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in list(values.items())[:3]}, refresh=False)
         self.bar.update(1)
 
     def after_train(self):

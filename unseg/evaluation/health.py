@@ -64,3 +64,53 @@ def label_fractions(maps: Iterable[np.ndarray], n_labels: int, ignore: int = 255
         total += m.size
     total = max(total, 1)
     return {"fractions": (counts / total).round(4).tolist(), "ignored": ignored / total}
+
+
+# A run "did not find objects" when any of these holds (documented in the README; each check names its fix).
+MASK_AREA_MAX = 0.9  # mined masks cover more than this share of the image on average: no object is separated
+BORDER_SHARE_MAX = 0.95  # more than this share of the masks touch the image border: background, not objects
+CLUSTER_SHARE_MAX = 0.5  # one K-means cluster holds more than max(this, 2 / k) of the masks
+AT_CAP_SHARE = 0.95  # Mask R-CNN's predictions per image reach this share of distill.detections_per_image
+ONE_LABEL_SHARE = 0.99  # one label takes this share of DeepLab's pixels: it predicts one class
+
+
+def verdict(figures: dict, detections_per_image: int) -> dict:
+    """``{"verdict": "ok" | "failed", "failed": [one line per failed check]}`` from the figures of a run
+    (a figure missing from ``figures`` is not checked).
+
+    Each check compares one health figure with a named threshold above; a failed line says what was seen
+    and what to change. A run can pass every check and still be poor: they catch collapse, not quality."""
+    failed = []
+    empty = {"mask_area_fraction": 0.0, "touching_border_fraction": 0.0}
+    m, c = figures.get("mined_masks", empty), figures.get("clusters", {"sizes": [], "largest_share": 0.0})
+    if m["mask_area_fraction"] > MASK_AREA_MAX:
+        failed.append(
+            f"mined masks cover {100 * m['mask_area_fraction']:.1f} % of each image (> {100 * MASK_AREA_MAX:.0f} %): "
+            "the affinity rule separates nothing; train the backbone longer or check mining.proposals"
+        )
+    if m["touching_border_fraction"] > BORDER_SHARE_MAX:
+        failed.append(
+            f"{100 * m['touching_border_fraction']:.1f} % of the mined masks touch the image border "
+            f"(> {100 * BORDER_SHARE_MAX:.0f} %): they are background; check mining.proposals and mining.cls_mass"
+        )
+    k = len(c["sizes"])
+    largest = max(CLUSTER_SHARE_MAX, 2 / max(k, 1))
+    if k >= 2 and c["largest_share"] > largest:
+        failed.append(
+            f"one K-means cluster holds {100 * c['largest_share']:.0f} % of the masks (> {100 * largest:.0f} %): "
+            "the CLS features carry little; train the backbone longer or lower cluster.classes"
+        )
+    per_image = figures.get("maskrcnn", {}).get("per_image", 0.0)
+    if per_image >= AT_CAP_SHARE * detections_per_image:
+        failed.append(
+            f"Mask R-CNN predicts {per_image:.1f} instances per image, at its cap of {detections_per_image}: "
+            "it fires everywhere; check the pseudo-labels (unseg inspect grid)"
+        )
+    fractions = figures.get("deeplab", {}).get("fractions", [])
+    if fractions and max(fractions) >= ONE_LABEL_SHARE:
+        top = int(np.argmax(fractions))
+        failed.append(
+            f"DeepLab predicts label {top} on {100 * max(fractions):.1f} % of the pixels: it learned one class; "
+            "check the pseudo-ground-truth shares and filter.tau"
+        )
+    return {"verdict": "failed" if failed else "ok", "failed": failed}

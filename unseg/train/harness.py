@@ -19,6 +19,8 @@ import csv
 import math
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -340,6 +342,39 @@ def load_state_into(parts: dict[str, Any], state: dict) -> None:
         (unwrap(p) if isinstance(p, torch.nn.Module) else p).load_state_dict(state[name])
 
 
+class StopRequests:
+    """SIGINT / SIGTERM while training, noted and acted on between two steps (never inside one, where the
+    weights or the optimizer may be half-updated): :meth:`pending` says one came, on any process. A second
+    signal acts at once (the handlers in place before are back after the first)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, info: DistInfo):
+        self.info, self.received, self._previous = info, None, {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
+        return self
+
+    def _note(self, signum, frame) -> None:
+        self.received = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def pending(self) -> bool:
+        if not in_process_group():
+            return self.received is not None
+        return mean_over_processes({"stop": float(self.received is not None)})["stop"] > 0  # every rank stops
+
+
 def train_loop(
     step_fn: Callable[[int, Any], dict[str, float]],
     make_batches: Callable[[int], Iterator],
@@ -358,7 +393,8 @@ def train_loop(
     their state is restored from the latest checkpoint before the first step, and ``make_batches(start)``
     gives the batches from that step on. Before each step the global torch RNG is seeded from
     ``(seed, step)`` so dropout and drop-path repeat on resume. A non-finite loss stops the run with a
-    one-line error.
+    one-line error. SIGINT or SIGTERM finishes the step under way, writes a checkpoint and raises
+    KeyboardInterrupt, so a rerun resumes there and ends as an uninterrupted run would.
     """
     state = ckpt.load()
     start = 0
@@ -375,16 +411,23 @@ def train_loop(
         disable=not info.is_main,
         dynamic_ncols=True,
     )
-    for step in bar:
-        torch.manual_seed(step_seed(seed, step, salt=2) + info.rank)
-        values = mean_over_processes(step_fn(step, next(batches)))
-        loss = values.get("loss")
-        if loss is not None and not math.isfinite(loss):
-            raise UserError(f"{desc}: the loss became {loss} at step {step}; lower the learning rate or clip gradients")
-        log.write(step, values)
-        bar.set_postfix({k: f"{v:.3g}" for k, v in list(values.items())[:3]})
-        if (step + 1) % ckpt_every == 0 or step + 1 == total_steps:
-            ckpt.save(step + 1, {"step": step + 1, "parts": state_dict_of(parts)})
+    with StopRequests(info) as stops:
+        for step in bar:
+            torch.manual_seed(step_seed(seed, step, salt=2) + info.rank)
+            values = mean_over_processes(step_fn(step, next(batches)))
+            loss = values.get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise UserError(
+                    f"{desc}: the loss became {loss} at step {step}; lower the learning rate or clip gradients"
+                )
+            log.write(step, values)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in list(values.items())[:3]}, refresh=False)
+            stop = stops.pending()
+            if stop or (step + 1) % ckpt_every == 0 or step + 1 == total_steps:
+                ckpt.save(step + 1, {"step": step + 1, "parts": state_dict_of(parts)})
+            if stop:
+                bar.close()
+                raise KeyboardInterrupt(f"{desc}: stopped after step {step + 1} of {total_steps}, checkpoint written")
     return total_steps - start
 
 

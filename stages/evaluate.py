@@ -7,7 +7,8 @@ round's predictions (``--self-training``: the rows "6 + CRF self-training, round
 (the random-ViT baseline from ``evaluate_backbone``). Writes ``<out>/table1.json``, ``instances.json``,
 ``linear.json``, ``baselines.json`` (DVC metrics), ``table.md`` and ``cluster_classes.json`` (the class each
 DeepLab cluster is matched to, for ``unseg segment --names matched``); and, as DVC plots, ``<plots>/table1.csv``
-(the rows as bars) and ``<plots>/worst.png`` / ``best.png`` (contact sheets of four val images each).
+(the rows as bars) and ``<plots>/sheets/``: ``worst.png`` / ``best.png`` (contact sheets of four val images
+each), or one ``random.png`` where there is no ground truth.
 
 Semantic scores: TP/FP/FN summed over the split at the original resolution; predicted clusters are
 matched to classes by the Hungarian algorithm (one-to-one) and, reported separately, by majority vote.
@@ -53,7 +54,7 @@ def main(args, params) -> None:
         write_metrics(args.out, {name: {"note": note} for name in METRICS}, note + "\n")
         write_text(args.out / "cluster_classes.json", json.dumps({"note": note}) + "\n")
         figures.write_bars(args.plots / "table1.csv", [])
-        figures.write_sheets(Path("."), index, split, args.plots)  # without labels: random images in both
+        figures.write_sheets(Path("."), index, split, args.plots / "sheets")  # without labels: random.png
         log("evaluate", note)
         return
     art = RunArtifacts(**{name: getattr(args, name) for name in RunArtifacts.__dataclass_fields__})
@@ -66,7 +67,7 @@ def main(args, params) -> None:
     classes = cluster_classes(args.deeplab, val, val_gts, index.classes, index.ignore_index)
     write_text(args.out / "cluster_classes.json", json.dumps({"split": split, **classes}, indent=2) + "\n")
     figures.write_bars(args.plots / "table1.csv", figures.table1_bars(values["table1"], values["baselines"]))
-    figures.write_sheets(Path("."), index, split, args.plots)
+    figures.write_sheets(Path("."), index, split, args.plots / "sheets")
     log("evaluate", "\n" + text)
 
 

@@ -163,14 +163,15 @@ def test_evaluate_writes_table1_bars_and_contact_sheets_as_dvc_plots(micro_repo,
     for name, row in table1.items():
         assert bars[name] == pytest.approx(100 * row["miou"], abs=0.005)  # one bar per Table-1 row, in %
     assert sum(name.startswith("baseline: ") for name in bars) == 3
+    assert sorted(f.name for f in (plots / "sheets").iterdir()) == ["best.png", "worst.png"]
     for sheet in ("worst.png", "best.png"):  # 4 val images of 8 panels each, then the legend row
-        assert Image.open(plots / sheet).size == (8 * 192, 5 * 208)
+        assert Image.open(plots / "sheets" / sheet).size == (8 * 192, 5 * 208)
     out = run([sys.executable, "-m", "dvc", "plots", "show", "-o", str(tmp_path / "html")], micro_repo)
     html = (tmp_path / "html" / "index.html").read_text()
     assert "index.html" in out and "Table 1 and baselines" in html and "maskrcnn_loss.csv" in html
     assert {f.name for f in (tmp_path / "html" / "static").iterdir()} >= {
-        "workspace_artifacts_plots_evaluate_worst.png",
-        "workspace_artifacts_plots_evaluate_best.png",
+        "workspace_artifacts_plots_evaluate_sheets_worst.png",
+        "workspace_artifacts_plots_evaluate_sheets_best.png",
     }
 
 

@@ -61,5 +61,8 @@ def test_your_own_folder_as_the_readme_says(tmp_path):
     assert "nothing to score" in table1["note"]
     health = json.loads((repo / "artifacts/metrics/health.json").read_text())
     assert health["mined_masks"]["images"] == 6 and sum(health["clusters"]["sizes"]) >= 6
-    assert (repo / "artifacts/plots/evaluate/worst.png").is_file()  # the plots exist without labels too
-    assert 0 < health["mined_masks"]["mask_area_fraction"] <= 1  # a 2-step CrOC mines whole images here
+    sheets = repo / "artifacts/plots/evaluate/sheets"
+    assert [f.name for f in sheets.iterdir()] == ["random.png"]  # without labels: no worst or best
+    assert 0 < health["mined_masks"]["mask_area_fraction"] <= 1
+    # a 2-step CrOC mines whole images here: the verdict says the run did not find objects
+    assert health["verdict"] == "failed" and any("mined masks cover" in line for line in health["failed"])

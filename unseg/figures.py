@@ -220,11 +220,16 @@ def write_bars(path: Path, bars: list[dict]) -> None:
 
 
 def write_sheets(root: Path, index: DatasetIndex, split: str | None, out: Path, n: int = 4) -> list[Path]:
-    """The worst and the best ``n`` validation images at every stage, as ``out/{worst,best}.png`` (without
-    ground truth: the same random images in both)."""
+    """Contact sheets of ``n`` validation images at every stage in the folder ``out``: ``worst.png`` and
+    ``best.png`` by DeepLab pixel accuracy when the clusters match ground truth, else one ``random.png``
+    (without labels there is no worst or best); sheets of an earlier run that no longer apply are removed."""
     out.mkdir(parents=True, exist_ok=True)
+    sorts = ("worst", "best") if cluster_mapping(root, index, split) is not None else ("random",)
+    for old in out.glob("*.png"):
+        if old.stem not in sorts:
+            old.unlink()
     written = []
-    for sort in ("worst", "best"):
+    for sort in sorts:
         path = out / f"{sort}.png"
         tmp = path.with_name(f".{sort}.tmp.png")
         grid_sheet(root, index, split, n, sort).save(tmp)

@@ -72,3 +72,46 @@ def test_small_outputs_and_models_are_written_by_rename(tmp_path, monkeypatch):
     monkeypatch.undo()
     save_checkpoint({"w": torch.ones(2)}, tmp_path / "model.pt")
     assert torch.equal(read_checkpoint(tmp_path / "model.pt", "model")["w"], torch.ones(2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "scratch"), [("distill_maskrcnn", "maskrcnn"), ("train_deeplab", "deeplab")])
+def test_ctrl_c_before_the_first_checkpoint_then_rerun_equals_the_uninterrupted_run(repo, stage, scratch):
+    """Ctrl-C (SIGINT to dvc's process group, as a terminal sends it) while a training stage runs and before its
+    first ``ckpt_every``: the stage finishes its step, writes a checkpoint and exits; `dvc repro` resumes there."""
+    section = {"distill_maskrcnn": "distill", "train_deeplab": "deeplab"}[stage]
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params[section]["ckpt_every"] = 1000  # no periodic checkpoint in this run
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        run([sys.executable, "-m", "dvc", "repro", "-s", stage], repo, timeout=600)
+        reference = out_hashes(repo, stage)
+        ckpt_dir = repo / "artifacts" / "scratch" / scratch
+        subprocess.run(["rm", "-rf", str(ckpt_dir)], check=True)
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(repo)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dvc", "repro", "-f", "-s", stage],
+            cwd=repo,
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        log, deadline = ckpt_dir / "loss.csv", time.time() + 300
+        while (not log.exists() or len(log.read_text().splitlines()) < 2) and time.time() < deadline:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        output = proc.communicate(timeout=120)[0].decode()
+        assert proc.returncode != 0, output[-2000:]
+        assert "checkpoint written); rerun to resume" in output and "Traceback" not in output, output[-3000:]
+        checkpoints = list(ckpt_dir.glob("step_*.pt"))
+        assert len(checkpoints) == 1, checkpoints  # the interrupt's own, not a periodic one
+        assert stage in stale(repo), f"{stage} was recorded as up to date after Ctrl-C"
+        out = run([sys.executable, "-m", "dvc", "repro", "-s", stage], repo, timeout=600)
+        assert f"Running stage '{stage}'" in out
+        assert (
+            out_hashes(repo, stage) == reference
+        )  # resumed from the interrupt's checkpoint, equal to the straight run
+    finally:
+        (repo / "params.yaml").write_text(original)

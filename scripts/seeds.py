@@ -42,13 +42,11 @@ def dvc(*args: str, capture: bool = False) -> str:
 def run(seeds: list[int], ceiling: bool, hsg: bool, name: str = "seed", overrides: tuple[str, ...] = ()) -> None:
     targets = ["dvc.yaml", *(["ceiling/dvc.yaml"] if ceiling else []), *(["hsg/dvc.yaml"] if hsg else [])]
     seeded = (*SEEDED, "evaluate.seed") if hsg else SEEDED
-    Path("artifacts/scratch").mkdir(parents=True, exist_ok=True)  # copied into each experiment (-C), even when empty
     for s in seeds:
         sets = [arg for key in seeded for arg in ("-S", f"{key}={s}")] + [a for o in overrides for a in ("-S", o)]
         subprocess.run([sys.executable, "-m", "dvc", "exp", "remove", f"{name}-{s}"], capture_output=True)
         print(f"seeds: experiment {name}-{s}", flush=True)
-        # the resumable training dirs are untracked (persist, cache: false): copied so unchanged stages skip
-        dvc("exp", "run", "--temp", "-n", f"{name}-{s}", "-C", "artifacts/scratch", *sets, *targets)
+        dvc("exp", "run", "--temp", "-n", f"{name}-{s}", *sets, *targets)  # unchanged stages are skipped
 
 
 def experiment_metrics(shown, names: set[str]) -> dict[str, dict]:

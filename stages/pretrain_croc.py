@@ -31,7 +31,7 @@ from unseg.train import harness as H
 
 
 def write_empty_outs(args, why: str) -> None:
-    """The declared scratch folder and loss log, when nothing is trained (DVC expects every out)."""
+    """The scratch folder (with a note saying why it is empty) and the declared loss log, when nothing is trained."""
     args.ckpt.mkdir(parents=True, exist_ok=True)
     (args.ckpt / "NOT_TRAINED").write_text(why + "\n")
     args.log.parent.mkdir(parents=True, exist_ok=True)

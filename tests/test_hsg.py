@@ -309,7 +309,7 @@ def test_pretrain_hsg_stage_trains_resumes_and_its_resnet_loads_into_deeplab(tmp
            "--log", "loss.csv"]  # fmt: skip
     unused = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)  # hsg.train: auto
     assert unused.returncode == 0 and "nothing trained, a placeholder written" in unused.stderr, unused.stderr[-3000:]
-    assert not list((tmp_path / "scratch").iterdir())  # created empty (a DVC output), nothing trained
+    assert not list((tmp_path / "scratch").iterdir())  # created empty, nothing trained
     with pytest.raises(UserError, match="deeplab.backbone_weights: hsg, but .*hsg.pth holds no trained HSG weights"):
         resolve_backbone_weights("hsg", tmp_path / "hsg.pth", "deeplab.backbone_weights")
     evaluate = [sys.executable, "-m", "stages.evaluate_hsg", "prepared/index.json", "hsg.pth", "hsg.json", "h.png"]
@@ -332,7 +332,7 @@ def test_pretrain_hsg_stage_trains_resumes_and_its_resnet_loads_into_deeplab(tmp
     reused = subprocess.run(reuse, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert reused.returncode == 0 and "used as is" in reused.stderr, reused.stderr[-3000:]
     assert (tmp_path / "reused.pth").read_bytes() == (tmp_path / "hsg.pth").read_bytes()
-    assert (tmp_path / "fresh_scratch").is_dir()  # a declared DVC output exists though nothing trained
+    assert (tmp_path / "fresh_scratch").is_dir()  # the scratch folder exists though nothing trained
     report = load_resnet_weights(create_resnet("resnet18"), tmp_path / "hsg.pth")  # strict: every trunk tensor
     assert len(report.loaded) > 100
     key = "deeplab.backbone_weights"

@@ -306,3 +306,31 @@ def test_unseg_segment_reproduces_train_deeplab_and_names_the_matched_classes(mi
     results = json.loads((tmp_path / "inst" / "instances.json").read_text())
     assert results and {r["image_id"] for r in results} <= set(range(1, len(val) + 1))
     assert len(list((tmp_path / "inst").glob("*.instances.png"))) == len(val)
+
+
+@pytest.mark.slow
+def test_queued_experiments_rerun_only_the_stages_their_param_changes(micro_repo):
+    """`dvc exp run --queue` of two filter.tau values, then `dvc queue start`: each experiment's temporary copy
+    runs filter_confident and what follows it, never the training stages upstream (no scratch out makes them
+    look changed there)."""
+    import time
+
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    run([*git, "add", "-A"], micro_repo)
+    run([*git, "commit", "-qm", "the micro run"], micro_repo)
+    dvc = [sys.executable, "-m", "dvc"]
+    for tau in (0.4, 0.6):
+        run([*dvc, "exp", "run", "--queue", "-n", f"tau-{tau}", "-S", f"filter.tau={tau}"], micro_repo)
+    run([*dvc, "queue", "start", "-j", "1"], micro_repo)
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        status = run([*dvc, "queue", "status"], micro_repo)
+        if not any(word in status for word in ("Queued", "Running")):
+            break
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    upstream = set(STAGES[: STAGES.index("filter_confident")]) | {"evaluate_backbone"}
+    for tau in (0.4, 0.6):
+        ran = stages_run(run([*dvc, "queue", "logs", f"tau-{tau}"], micro_repo))
+        assert {"filter_confident", "train_deeplab", "self_train@1", "evaluate", "health"} <= ran, ran
+        assert not ran & upstream, f"a queued filter.tau experiment reran {sorted(ran & upstream)}"

@@ -124,13 +124,22 @@ def zarr_io(n_images: int = 2000, tokens: int = 165, dim: int = 192, reads: int 
     """A features-like ragged store (float16 keys) vs np.save of the same array. Each write starts with no
     dirty pages (``os.sync``), so neither is throttled by the other's writeback; ``*_write_mb_per_s`` is
     into the page cache (what the writer waits for), ``durable_*`` includes the ``fsync`` of every file.
-    The two writes alternate ``repeats`` times and the medians count (the Zarr write's speed moved from 325
-    to 577 MB/s between two runs in a row on the 2-core VM)."""
+    The writes alternate ``repeats`` times and the medians count (the Zarr write's speed moved from 325
+    to 577 MB/s between two runs in a row on the 2-core VM); the same store without the crc32c chunk
+    checksums is written and read alternately too, to measure what the checksums cost."""
     lengths, keys = features_like_keys(n_images, tokens, dim)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     rng = np.random.default_rng(1)
     tmp = Path(tempfile.mkdtemp())
-    times: dict[str, list[float]] = {"zarr": [], "zarr_durable": [], "npy": [], "npy_durable": []}
+    times: dict[str, list[float]] = {k: [] for k in ("zarr", "zarr_durable", "npy", "npy_durable", "plain",
+                                                     "plain_durable")}  # fmt: skip
+
+    def write_without_checksums(path: Path) -> None:
+        store.CHECKSUMS = False
+        try:
+            write_keys_store(path, lengths, keys)
+        finally:
+            store.CHECKSUMS = True
 
     def timed_write(name: str, path: Path, write) -> None:
         if path.is_dir():
@@ -147,12 +156,16 @@ def zarr_io(n_images: int = 2000, tokens: int = 165, dim: int = 192, reads: int 
         for _ in range(repeats):
             timed_write("zarr", tmp / "s.zarr", lambda p: write_keys_store(p, lengths, keys))
             timed_write("npy", tmp / "keys.npy", lambda p: np.save(p, keys))
+            timed_write("plain", tmp / "plain.zarr", write_without_checksums)
         picks = rng.integers(0, n_images, reads)
-        s = store.RaggedStore(tmp / "s.zarr")
-        start = time.perf_counter()
-        for i in picks:
-            s.rows("keys", int(i))
-        zarr_read = time.perf_counter() - start
+        read_s = {}
+        for name in ("plain.zarr", "s.zarr", "plain.zarr", "s.zarr"):  # alternated; the second pass counts
+            s = store.RaggedStore(tmp / name)
+            start = time.perf_counter()
+            for i in picks:
+                s.rows("keys", int(i))
+            read_s[name] = time.perf_counter() - start
+        zarr_read, plain_read = read_s["s.zarr"], read_s["plain.zarr"]
         mm = np.load(tmp / "keys.npy", mmap_mode="r")
         start = time.perf_counter()
         for i in picks:
@@ -161,8 +174,8 @@ def zarr_io(n_images: int = 2000, tokens: int = 165, dim: int = 192, reads: int 
         files = sum(1 for f in (tmp / "s.zarr").rglob("*") if f.is_file())
     finally:
         shutil.rmtree(tmp)
-    zarr_write, zarr_durable, npy_write, npy_durable = (
-        float(np.median(times[k])) for k in ("zarr", "zarr_durable", "npy", "npy_durable")
+    zarr_write, zarr_durable, npy_write, npy_durable, plain_write = (
+        float(np.median(times[k])) for k in ("zarr", "zarr_durable", "npy", "npy_durable", "plain")
     )
     mb = keys.nbytes / 2**20
     return {
@@ -175,6 +188,10 @@ def zarr_io(n_images: int = 2000, tokens: int = 165, dim: int = 192, reads: int 
         "npy_durable_write_mb_per_s": mb / npy_durable,
         "durable_ratio": npy_durable / zarr_durable,
         "zarr_random_reads_per_s": reads / zarr_read,
+        "no_checksum_write_mb_per_s": mb / plain_write,  # the same store without the crc32c codec
+        "no_checksum_random_reads_per_s": reads / plain_read,
+        "checksum_write_cost": plain_write and zarr_write / plain_write - 1,  # extra time, as a fraction
+        "checksum_read_cost": plain_read and zarr_read / plain_read - 1,
         "npy_mmap_random_reads_per_s": reads / npy_read,
         "zarr_files": files,
         "npy_files": 1,

@@ -43,6 +43,7 @@ from unseg.errors import UserError
 
 CHUNK_BYTES = 1 << 20
 CHUNKS_PER_SHARD = 16
+CHECKSUMS = True  # crc32c per chunk (the zarr_io benchmark turns it off to measure its cost)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def _create(group: zarr.Group, name: str, rows: int, spec: Spec) -> zarr.Array:
         # crc32c after compression: a changed byte in any chunk stops the reader (CorruptStore), never a wrong value
         compressors=[
             BloscCodec(cname=cname, clevel=3 if cname == "zstd" else 5, shuffle=BloscShuffle.bitshuffle),
-            Crc32cCodec(),
+            *([Crc32cCodec()] if CHECKSUMS else []),
         ],
         fill_value=0,
         dimension_names=("element" if spec.ragged else "image", *[f"d{i}" for i in range(len(spec.tail))]),

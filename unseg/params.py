@@ -83,9 +83,8 @@ class Backbone:
 class Croc:
     reuse: str | None = p(None)  # a checkpoint this stage wrote with exactly these params and data: no training
     steps: int = p(500, lo=0, hi=10_000_000)
-    schedule_steps: int | None = p(
-        1200, lo=1, hi=10_000_000
-    )  # lr/wd/momentum schedule length (null: steps); > steps stops early
+    # lr/wd/momentum schedule length (null: steps); > steps stops early
+    schedule_steps: int | None = p(1200, lo=1, hi=10_000_000)
     batch_size: int = p(32, lo=1, hi=65_536)
     crop_size: int = p(64, lo=16, hi=8192)
     crop_scale_min: float = p(0.25, lo=0, hi=1, lo_open=True)
@@ -238,9 +237,7 @@ class Deeplab:
     label_fill: int = p(255, choices=(0, 255))  # label of pixels outside the warped image (released: 0)
     ohem_fraction: float = p(1.0, lo=0, hi=1, lo_open=True)  # hard pixels: top fraction (paper 0.2; 1.0: plain CE)
     ohem_count: str = p("all", choices=("all", "valid"))
-    ohem_warmup_epochs: int = p(
-        0, lo=0, hi=10_000
-    )  # plain cross-entropy for these first epochs, then hard pixel mining
+    ohem_warmup_epochs: int = p(0, lo=0, hi=10_000)  # plain cross-entropy for these epochs, then hard pixel mining
     select_best_on_val: bool = p(False)  # reproduction only: keep the epoch with the best val mIoU (uses labels)
     ckpt_every: int = p(100, lo=1)
     workers: int = p(0, lo=0)
@@ -305,9 +302,7 @@ class Evaluate:
     maskrcnn_score: float = p(0.0, lo=0, hi=1)  # Table 1 "Mask R-CNN" row: predictions >= this (0: all written)
     probe_epochs: int = p(20, lo=1, hi=10_000)  # linear probe (paper App. A.2: 45 epochs, lr 0.1, x0.1 after 25)
     probe_lr: float = p(0.1, lo=0, lo_open=True)
-    probe_memory_mb: int = p(
-        4096, lo=1, hi=1_000_000
-    )  # training features held for the linear probes (a seeded subset beyond)
+    probe_memory_mb: int = p(4096, lo=1, hi=1_000_000)  # training features held for the probes (a subset beyond)
     crf: bool = p(True)  # DeepLab + dense CRF row (released settings)
     video_root: str | None = p(None)  # a DAVIS 2017 folder; null: the generated videos (if any)
     video_topk: int = p(5, lo=1)
@@ -574,7 +569,7 @@ def check_complete(raw: Any) -> None:
     for name, cls in SECTIONS.items():
         if name not in raw:
             raise ParamsError(f"params.yaml: section {name} is missing (every section of the profile must be present)")
-        section = raw[name]
+        section = raw[name] if raw[name] is not None else {}  # `filter:` alone: a section with no key
         if isinstance(section, dict):
             missing = [f.name for f in dataclasses.fields(cls) if f.name not in section]
             if missing:

@@ -53,6 +53,7 @@ PARAMS_CASES = [
     ("a seed past 2^31", changed("cluster", "seed", 2**40), "cluster.seed = 1099511627776: must be <= 2147483647"),
     ("section filter deleted", without("filter"), "section filter is missing"),
     ("key filter.tau deleted", without("filter", "tau"), "filter.tau is missing"),
+    ("section filter emptied", {**tiny(), "filter": None}, "filter.tau is missing"),
 ]  # fmt: skip
 
 

@@ -1,7 +1,7 @@
 """The second hostile pass (issue 36) as a table: each case a user or a hostile tester tried, and what they get.
 
 Every case ends in one line naming the key, file or store at fault (or in the correct behaviour), never in
-a traceback and never in a silently wrong result. The README's reliability section quotes this table.
+a traceback and never in a silently wrong result. The README's "When something is wrong" section quotes its count.
 """
 
 import json

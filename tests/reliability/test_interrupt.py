@@ -1,7 +1,7 @@
 """kill -9 in the middle of a training stage under `dvc repro`: nothing half-written is ever recorded,
-and the rerun resumes to exactly the result of an uninterrupted run (same machine). The reruns pass
---no-run-cache: otherwise DVC restores the uninterrupted run's outputs from its run-cache (the training stages
-qualify since their scratch folders are no DVC outs) and nothing resumes."""
+and the rerun resumes to exactly the result of an uninterrupted run (same machine). The reruns pass -f:
+the interrupted run had the params of the last finished one, whose outputs DVC would otherwise restore from
+its cache ("is cached - skipping run"; a user who changed a param gets the resume without -f)."""
 
 import os
 import signal
@@ -47,7 +47,7 @@ def test_kill_mid_training_then_rerun_equals_the_uninterrupted_run(repo, stage, 
     proc.wait()
     assert list(ckpt_dir.glob("step_*.pt")), f"{stage} wrote no checkpoint before the kill"
     assert stage in stale(repo), f"{stage} was recorded as up to date after a kill"
-    out = run([sys.executable, "-m", "dvc", "repro", "--no-run-cache", "-s", stage], repo, timeout=600)
+    out = run([sys.executable, "-m", "dvc", "repro", "-f", "-s", stage], repo, timeout=600)
     assert f"Running stage '{stage}'" in out
     assert out_hashes(repo, stage) == reference  # resumed, and equal to the uninterrupted run
     assert stage not in stale(repo)
@@ -110,7 +110,7 @@ def test_ctrl_c_before_the_first_checkpoint_then_rerun_equals_the_uninterrupted_
         checkpoints = list(ckpt_dir.glob("step_*.pt"))
         assert len(checkpoints) == 1, checkpoints  # the interrupt's own, not a periodic one
         assert stage in stale(repo), f"{stage} was recorded as up to date after Ctrl-C"
-        out = run([sys.executable, "-m", "dvc", "repro", "--no-run-cache", "-s", stage], repo, timeout=600)
+        out = run([sys.executable, "-m", "dvc", "repro", "-f", "-s", stage], repo, timeout=600)
         assert f"Running stage '{stage}'" in out
         assert (
             out_hashes(repo, stage) == reference

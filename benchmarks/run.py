@@ -259,26 +259,18 @@ def bench_segment(sizes: tuple[int, ...] = (100, 1000), repeats: int = 3) -> dic
     from unseg.data.images import read_image
     from unseg.data.index import prepare_generated
     from unseg.deeplab import architecture_of, build_deeplab
-    from unseg.models.bundle import Preprocess, make_bundle, save_bundle
+    from unseg.models.bundle import save_bundle
     from unseg.models.loading import load_model
     from unseg.params import parse_params
     from unseg.segment import segment
+    from unseg.train.deeplab_fit import deeplab_bundle
 
     deeplab = parse_params({}).deeplab
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         torch.manual_seed(0)
         model = build_deeplab(5, **architecture_of(deeplab))
-        prep = Preprocess(input_size=deeplab.crop_size, output_stride=deeplab.output_stride)
-        bundle = make_bundle(
-            "deeplab",
-            model=model,
-            architecture=architecture_of(deeplab),
-            num_classes=5,
-            preprocess=prep,
-            params_digest="bench",
-        )
-        save_bundle(bundle, tmp / "model.pt")
+        save_bundle(deeplab_bundle(model, deeplab, 5, "bench"), tmp / "model.pt")
         for n in sizes:
             prepare_generated(tmp / f"d{n}", n, 0, 4, 3, 112, 128, seed=1)
         code = (
@@ -302,7 +294,7 @@ def bench_segment(sizes: tuple[int, ...] = (100, 1000), repeats: int = 3) -> dic
                     raise RuntimeError(f"segment of {n} images failed")
                 peaks[n].append(usage.ru_maxrss / 1024)
         n = max(sizes)
-        loaded, _ = load_model(tmp / "model.pt")
+        loaded, prep = load_model(tmp / "model.pt")  # the bundle's own preprocessing for the bare loop
         inputs = [prep.tensor(read_image(f)) for f in sorted((tmp / f"d{n}" / "images").glob("*.png"))]
         batches = [torch.cat(inputs[i : i + 8]) for i in range(0, n, 8)]
         tool_s, bare_s = [], []

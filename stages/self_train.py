@@ -24,16 +24,16 @@ from unseg.crf import crf_label_maps
 from unseg.data.index import DatasetIndex
 from unseg.deeplab import deeplab_from_bundle
 from unseg.launch import relaunch_under_torchrun
-from unseg.models.bundle import Preprocess, read_bundle, save_bundle
+from unseg.models.bundle import Preprocess, read_bundle
 from unseg.models.resnet import resolve_backbone_weights
 from unseg.train import harness as H
-from unseg.train.deeplab_fit import deeplab_bundle, fit_deeplab, predict_to_store
+from unseg.train.deeplab_fit import fit_deeplab, write_deeplab_outputs
 
 
 def main(args, params) -> None:
     deeplab, rounds = params.deeplab, params.self_training.rounds
     args.out.mkdir(parents=True, exist_ok=True)
-    args.ckpt.mkdir(parents=True, exist_ok=True)  # a declared out, even when the round is off
+    args.ckpt.mkdir(parents=True, exist_ok=True)  # the scratch folder exists even when the round is off
     if args.round > rounds:
         off = json.dumps({"round": args.round, "trained": False}) + "\n"
         write_text(args.out / "round.json", off)
@@ -74,16 +74,10 @@ def main(args, params) -> None:
     if not info.is_main:
         return
     log("self_train", f"round {args.round}: {ran} steps run now; predicting on {len(index.images)} images")
-    save_bundle(deeplab_bundle(model, deeplab, previous["num_classes"], digest), args.out / "model.pt")
-    predict_to_store(
-        model,
-        index.images,
-        args.out / "predictions.zarr",
-        device=device,
-        amp=deeplab.amp,
-        input_size=deeplab.crop_size,
+    write_deeplab_outputs(
+        model, deeplab, index.images, args.out, num_classes=previous["num_classes"], digest=digest, device=device,
         kind=f"DeepLab-v3 predictions, CRF self-training round {args.round}",
-    )
+    )  # fmt: skip
     shutil.copy(args.ckpt / "loss.csv", args.out / "loss.csv")
     write_text(args.out / "round.json", json.dumps({"round": args.round, "trained": True}) + "\n")
 

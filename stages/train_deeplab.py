@@ -21,11 +21,10 @@ from unseg.data.index import DatasetIndex
 from unseg.deeplab import BestEpochOnVal
 from unseg.errors import UserError
 from unseg.launch import relaunch_under_torchrun
-from unseg.models.bundle import save_bundle
 from unseg.models.checkpoint import read_checkpoint
 from unseg.models.resnet import resolve_backbone_weights
 from unseg.train import harness as H
-from unseg.train.deeplab_fit import deeplab_bundle, fit_deeplab, predict_to_store
+from unseg.train.deeplab_fit import fit_deeplab, write_deeplab_outputs
 
 
 def main(args, params) -> None:
@@ -70,17 +69,10 @@ def main(args, params) -> None:
         model.load_state_dict(best["state"])
         log("train_deeplab", f"select_best_on_val: keeping epoch {best['epoch']} (val mIoU {best['miou']:.3f})")
     log("train_deeplab", f"{ran} steps run now; predicting on {len(index.images)} images")
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_bundle(deeplab_bundle(model, deeplab, k + 1, digest), args.out / "model.pt")
-    predict_to_store(
-        model,
-        index.images,
-        args.out / "predictions.zarr",
-        device=device,
-        amp=deeplab.amp,
-        input_size=deeplab.crop_size,
+    write_deeplab_outputs(
+        model, deeplab, index.images, args.out, num_classes=k + 1, digest=digest, device=device,
         kind="DeepLab-v3 predictions",
-    )
+    )  # fmt: skip
     shutil.copy(args.ckpt / "loss.csv", args.log)
 
 

@@ -14,7 +14,7 @@ from unseg import store
 from unseg.data.index import ImageEntry, read_image
 from unseg.deeplab import DeepLabTraining, SemanticBatches, architecture_of, build_deeplab, predict_entries
 from unseg.deeplab import train_deeplab as train_loop
-from unseg.models.bundle import Preprocess, load_state, make_bundle, read_bundle
+from unseg.models.bundle import Preprocess, load_state, make_bundle, read_bundle, save_bundle
 from unseg.params import config_from
 from unseg.train import harness as H
 
@@ -94,3 +94,28 @@ def predict_to_store(
     maps = predict_entries(model, entries, device, amp, input_size)
     attrs = {"kind": kind, "num_classes": int(model.head[4].out_channels)}
     return store.write_semantic(out, np.array([e.id for e in entries]), maps, attrs)
+
+
+def write_deeplab_outputs(
+    model: torch.nn.Module,
+    deeplab,
+    entries: Sequence[ImageEntry],
+    out: Path,
+    *,
+    num_classes: int,
+    digest: str,
+    device: torch.device,
+    kind: str,
+) -> None:
+    """A trained DeepLab's stage outputs in ``out``: the ``model.pt`` bundle, ``predictions.zarr`` over ``entries``."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_bundle(deeplab_bundle(model, deeplab, num_classes, digest), out / "model.pt")
+    predict_to_store(
+        model,
+        entries,
+        out / "predictions.zarr",
+        device=device,
+        amp=deeplab.amp,
+        input_size=deeplab.crop_size,
+        kind=kind,
+    )
